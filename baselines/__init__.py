@@ -1,0 +1,1 @@
+"""Baseline methods: one file each, discovered automatically (see README, "Add your own baseline")."""

@@ -1,0 +1,610 @@
+#!/usr/bin/env python
+"""Regenerate ``data/xtail_mini/``: the embedded X-TAIL-style stream and its alignment set.
+
+Everything is derived from permissively licensed sources that ship as Debian packages or
+with scikit-learn (see ``data/README.md`` for provenance and licences):
+
+- Fashion-MNIST (Debian ``dataset-fashion-mnist``, MIT);
+- scikit-learn's ``load_digits`` (the UCI optdigits 8x8 test set, BSD / CC BY 4.0);
+- OpenClipart (Debian ``openclipart-png``, public domain);
+- Noto Color Emoji (Debian ``fonts-noto-color-emoji``, OFL 1.1) rendered with Pillow,
+  named and grouped by ``emoji-test.txt`` (Debian ``unicode-data``, Unicode licence).
+
+Outputs (all images uint8, 64x64; grayscale domains stored with one channel):
+
+- ``<domain>.npz`` per stream domain: ``train_images``, ``train_labels`` (the few-shot
+  *pool*), ``test_images``, ``test_labels``, ``classnames`` and ``sources`` (where each
+  image came from, train pool first);
+- ``align.npz``: ``images`` (N, 64, 64, 3), ``captions`` and ``sources``: image-caption
+  pairs for aligning the ``mini-clip`` backbone, disjoint from every stream domain;
+- ``manifest.json``: counts, sha256 of every file, and the build settings.
+
+The build is deterministic (sorted file lists, fixed seeds). Run from the repository root:
+
+    python data/build_xtail_mini.py            # writes data/xtail_mini/
+    python data/build_xtail_mini.py --check    # rebuild in memory, compare with the files
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import re
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+SIZE = 64  # stored image side length
+SEED = 20240531  # base seed of every random choice in this script
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLIPART_DIR = Path("/usr/share/openclipart/png")
+EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+
+FASHION_CLASSES = ["T-shirt/top", "trouser", "pullover", "dress", "coat",
+                   "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+# clip-art stream domains: class name -> OpenClipart folders (relative to CLIPART_DIR,
+# each including its sub-folders)
+CLIPART_NATURE = {
+    "mammal": ["animals/mammals"],
+    "insect": ["animals/bugs"],
+    "bird": ["animals/birds"],
+    "fish": ["animals/fish"],
+    "dinosaur": ["animals/dinosaurs"],
+    "flower": ["plants/flowers"],
+    "tree": ["plants/trees"],
+}
+CLIPART_FOOD = {
+    "fruit": ["food/fruit"],
+    "dessert": ["food/desserts"],
+    "beverage": ["food/beverages"],
+    "meat or eggs": ["food/meats_and_eggs"],
+    "bread": ["food/breads_and_carbs"],
+    "vegetable": ["food/vegetables"],
+}
+# emoji stream domain: class name -> emoji-test.txt subgroup
+EMOJI_THINGS = {
+    "land vehicle": "transport-ground",
+    "building": "place-building",
+    "weather or sky": "sky & weather",
+    "clock": "time",
+    "tool": "tool",
+    "household object": "household",
+    "office supply": "office",
+}
+# members of those subgroups that are clearly not an instance of the class name we give
+# them; they are dropped from the stream AND kept out of the alignment set
+EMOJI_THINGS_DROP = {
+    "transport-ground": {"station", "bus stop", "motorway", "railway track", "oil drum",
+                         "fuel pump", "wheel", "police car light", "horizontal traffic light",
+                         "vertical traffic light", "stop sign", "construction"},
+    "place-building": {"brick", "rock", "wood", "wedding"},
+    "sky & weather": {"fire", "high voltage", "water wave"},
+    "tool": {"dagger", "crossed swords", "bomb", "shield", "bow and arrow"},
+}
+
+# ---- alignment set -------------------------------------------------------------------
+# Emoji subgroups whose concepts overlap a stream domain: never used for alignment.
+ALIGN_EMOJI_EXCLUDED_GROUPS = {"Component", "Animals & Nature", "Food & Drink"}
+ALIGN_EMOJI_EXCLUDED_SUBGROUPS = set(EMOJI_THINGS.values()) | {
+    "clothing",  # Fashion-MNIST classes (t-shirt, dress, coat, sandal, boot, handbag...)
+    "keycap", "alphanum",  # digits / numbers
+    "writing",  # pens and pencils (office supplies)
+    "cat-face", "monkey-face",  # mammals
+}
+# OpenClipart folders used for alignment: folder -> caption category. Folders whose
+# content overlaps a stream class (animals, plants, food, buildings, clocks, weather,
+# astronomy, stars, tools, office, vehicles, clothing, containers/bags, playing cards and
+# LED digits) are not listed.
+ALIGN_CLIPART = {
+    "computer/hardware": "computer",
+    "computer/icons": "computer icon",
+    "computer/buttons": "web button",
+    "computer/connectors": "cable connector",
+    "computer/games": "video game",
+    "electronics": "electronic device",
+    "electronics/bulb": "light bulb",
+    "electronics/battery": "battery",
+    "education/books": "book",
+    "geography": "map",
+    "people": "person",
+    "people/bodypart": "body part",
+    "people/smilies": "smiley face",
+    "people/stickmen": "stick figure",
+    "recreation/music": "musical instrument",
+    "recreation/sports": "sports equipment",
+    "recreation/toys": "toy",
+    "recreation/party": "party decoration",
+    "recreation/holiday": "holiday decoration",
+    "recreation/religion": "religious symbol",
+    "recreation/games/chess": "chess piece",
+    "science": "science equipment",
+    "shapes/arrows": "arrow",
+    "shapes/callouts": "speech bubble",
+    "shapes/flowchart": "flowchart symbol",
+    "shapes/jigsaw": "jigsaw puzzle piece",
+    "signs_and_symbols/flags": "flag",
+    "signs_and_symbols/map_symbols": "map symbol",
+    "signs_and_symbols/hazard": "hazard sign",
+    "signs_and_symbols/money": "money",
+    "special/patterns": "pattern",
+    "transportation/boating": "boat",
+    "decorations": "ornament",
+}
+# folders listed above whose sub-folders belong to another category or are excluded
+ALIGN_CLIPART_NO_RECURSE = {"computer/hardware", "electronics", "people"}
+ALIGN_CLIPART_CAP = 90  # at most this many images per caption category
+ALIGN_EMOJI_CAP = 1300  # at most this many emoji
+# words (in emoji names or clip-art file names) that name a stream class or a typical
+# member of one: such items are dropped from the alignment set
+STREAM_WORDS = """
+shirt tshirt t-shirt top trouser trousers pants jeans pullover sweater dress coat jacket
+sandal sandals shirt sneaker sneakers shoe shoes boot boots bag bags handbag purse
+zero one two three four five six seven eight nine number numbers digit digits keycap
+mammal mammals dog dogs cat cats horse horses cow pig bear bears lion tiger mouse rabbit
+sheep monkey elephant squirrel deer fawn bat bats fox wolf giraffe zebra whale dolphin
+insect insects bug bugs bee butterfly ant spider ladybug beetle fly mosquito
+bird birds duck penguin owl eagle chicken parrot swan dove rooster turkey
+fish dinosaur dinosaurs dino rex sauropod
+flower flowers rose tulip blossom sunflower daisy tree trees palm cactus evergreen leaf
+leaves plant plants sapin sakura holly wreath
+fruit fruits apple banana grapes orange pear cherry cherries strawberry lemon melon
+dessert desserts cake cupcake pie cookie candy chocolate icecream ice cream lollipop
+beverage beverages drink coffee tea wine beer juice milk cocktail soda bottle
+meat meats egg eggs bacon ham sausage steak chicken bread breads baguette croissant
+pizza burger sandwich vegetable vegetables carrot tomato potato corn pepper salad food
+vehicle vehicles car cars bus truck train tram taxi bicycle bike motorcycle tractor
+ambulance scooter skateboard
+building buildings house houses home castle church school hospital tower hotel factory
+stadium hut
+weather sky sun sunny moon cloud clouds cloudy rain rainy snow snowman snowflake
+lightning storm tornado rainbow umbrella star stars comet planet thermometer
+clock clocks watch stopwatch hourglass timer alarm
+tool tools hammer wrench screwdriver saw axe pick gear toolbox ladder magnet chains
+household door window mirror bed couch chair toilet bathtub shower broom basket bucket
+soap toothbrush sponge razor
+office briefcase folder calendar clipboard pushpin paperclip ruler scissors notepad
+pen pencil crayon
+""".split()
+
+
+@dataclass
+class Domain:
+    """One stream domain as stored: a pool for few-shot sampling and a test split."""
+
+    name: str
+    classnames: list[str]
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    train_sources: list[str] = field(default_factory=list)
+    test_sources: list[str] = field(default_factory=list)
+
+
+# ---- image helpers ---------------------------------------------------------------------
+def to_square(rgba: Image.Image, size: int = SIZE, margin: float = 0.04) -> np.ndarray:
+    """Composite an RGBA image on white, crop it to its content, pad it to a centred square
+    (with a small white margin) and resize it to ``size`` (Lanczos). Returns (H, W, 3)."""
+    rgba = rgba.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"))
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    arr = np.asarray(rgb)
+    content = (alpha > 8) & (arr.min(axis=2) < 250)  # visible and not white
+    if content.any():
+        ys, xs = np.nonzero(content)
+        rgb = rgb.crop((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+    w, h = rgb.size
+    side = int(round(max(w, h) * (1 + 2 * margin)))
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(rgb, ((side - w) // 2, (side - h) // 2))
+    return np.asarray(canvas.resize((size, size), Image.LANCZOS, reducing_gap=3.0))
+
+
+def load_clipart(path: Path) -> np.ndarray | None:
+    """One OpenClipart PNG as a (SIZE, SIZE, 3) array, or None for undecodable files."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_square(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        print(f"  skip {path}: {e}", file=sys.stderr)
+        return None
+
+
+def image_key(arr: np.ndarray) -> str:
+    """Content hash used to find exact duplicates."""
+    return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def group_key(path: Path) -> str:
+    """Files that are variants of one drawing (``x_01``/``x_02``, ``x``/``x_bw``, ...)
+    share a key, so that a split never puts one variant in the pool and another in test."""
+    stem = path.stem.lower()
+    prev = None
+    while prev != stem:
+        prev = stem
+        stem = re.sub(r"([_\-. ]?(bw|r|s|c|l|color|colour|\d+)|[_\-. ])$", "", stem)
+    return f"{path.parent.name}/{stem}"
+
+
+def words(text: str) -> set[str]:
+    return set(re.split(r"[^a-z]+", text.lower())) - {""}
+
+
+_STREAM_WORDS = set(STREAM_WORDS)
+
+
+def mentions_stream_class(text: str) -> bool:
+    """True if an emoji name or clip-art file name contains a stream-class word."""
+    return bool(words(text) & _STREAM_WORDS)
+
+
+# ---- emoji -----------------------------------------------------------------------------
+@dataclass
+class Emoji:
+    chars: str
+    name: str
+    group: str
+    subgroup: str
+
+
+def read_emoji_test(path: Path = EMOJI_TEST) -> list[Emoji]:
+    """Fully-qualified emoji of ``emoji-test.txt`` without skin-tone variants, in file order."""
+    out, group, subgroup = [], "", ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        elif line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+        elif line.strip() and not line.startswith("#"):
+            codes, rest = line.split(";", 1)
+            status, comment = rest.split("#", 1)
+            if status.strip() != "fully-qualified":
+                continue
+            # comment: " 😀 E1.0 grinning face"
+            _, _, name = comment.strip().split(" ", 2)
+            if "skin tone" in name:
+                continue
+            chars = "".join(chr(int(c, 16)) for c in codes.split())
+            out.append(Emoji(chars, name, group, subgroup))
+    return out
+
+
+class EmojiRenderer:
+    """Renders emoji with Pillow from the Noto Color Emoji bitmap font (size 109 is the
+    font's only strike). Sequences the font cannot draw as one glyph are rejected."""
+
+    def __init__(self, font_path: Path = EMOJI_FONT):
+        self.font = ImageFont.truetype(str(font_path), 109)
+
+    def render(self, chars: str) -> np.ndarray | None:
+        left, top, right, bottom = self.font.getbbox(chars)
+        if right - left > 160 or right <= left:  # several glyphs (unsupported sequence)
+            return None
+        canvas = Image.new("RGBA", (right - left + 8, bottom - top + 8), (255, 255, 255, 0))
+        ImageDraw.Draw(canvas).text((4 - left, 4 - top), chars, font=self.font, embedded_color=True)
+        if np.asarray(canvas.getchannel("A")).max() == 0:
+            return None
+        return to_square(canvas)
+
+
+# ---- stream domains --------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """Read a gzipped IDX file (the MNIST format)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def per_class_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` indices per class, sorted."""
+    idx = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c in np.unique(labels)]
+    return np.sort(np.concatenate(idx))
+
+
+def build_fashion(root: Path, pool_per_class: int = 100, test_per_class: int = 100) -> Domain:
+    """Fashion-MNIST: 100 pool images per class from the train split, 100 test images per
+    class from the test split, upscaled 28 -> 64 px (bicubic), one channel."""
+    rng = np.random.default_rng([SEED, 1])
+    xtr = read_idx(root / "train-images-idx3-ubyte.gz")
+    ytr = read_idx(root / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    xte = read_idx(root / "t10k-images-idx3-ubyte.gz")
+    yte = read_idx(root / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    itr = per_class_sample(ytr, pool_per_class, rng)
+    ite = per_class_sample(yte, test_per_class, rng)
+
+    def up(x):
+        return np.stack([np.asarray(Image.fromarray(a).resize((SIZE, SIZE), Image.BICUBIC)) for a in x])
+
+    return Domain("fashion_mnist", list(FASHION_CLASSES), up(xtr[itr]), ytr[itr], up(xte[ite]), yte[ite],
+                  [f"fashion-mnist:train/{i}" for i in itr], [f"fashion-mnist:t10k/{i}" for i in ite])
+
+
+def render_digit(img8: np.ndarray) -> np.ndarray:
+    """An 8x8 optdigits count image (0..16, ink = high) as a 64x64 pen-on-paper picture:
+    bicubic upsampling of the ink density, a smooth contrast curve that turns the blurred
+    blocks into strokes with soft edges, then dark ink on white paper."""
+    ink = Image.fromarray((img8.astype(np.float32) / 16.0))  # mode F
+    ink = np.asarray(ink.resize((SIZE, SIZE), Image.BICUBIC), dtype=np.float32).clip(0, 1)
+    ink = 1.0 / (1.0 + np.exp(-12.0 * (ink - 0.45)))  # sigmoid contrast: strokes ~ solid
+    ink = (ink - ink.min()) / max(float(ink.max() - ink.min()), 1e-6)
+    return (255.0 * (1.0 - ink)).round().astype(np.uint8)
+
+
+def build_digits(pool_per_class: int = 60) -> Domain:
+    """scikit-learn's digits: ``pool_per_class`` pool images per class, the rest is test."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = d.images, d.target.astype(np.int64)
+    rng = np.random.default_rng([SEED, 2])
+    itr = per_class_sample(y, pool_per_class, rng)
+    ite = np.setdiff1d(np.arange(len(y)), itr)
+    imgs = np.stack([render_digit(a) for a in x])
+    return Domain("digits", list(DIGIT_CLASSES), imgs[itr], y[itr], imgs[ite], y[ite],
+                  [f"sklearn-digits:{i}" for i in itr], [f"sklearn-digits:{i}" for i in ite])
+
+
+def split_groups(groups: list[str], rng: np.random.Generator, pool_frac: float,
+                 min_pool: int, max_pool: int) -> np.ndarray:
+    """Boolean pool mask over the items of ONE class; items sharing a group key land on
+    the same side. About ``pool_frac`` of the items (at least ``min_pool``, at most
+    ``max_pool``) go to the pool; the rest is test."""
+    keys = sorted(set(groups))
+    order = rng.permutation(len(keys))
+    target = min(max(int(round(pool_frac * len(groups))), min_pool), max_pool)
+    pool_keys, n = set(), 0
+    for k in order:
+        if n >= target:
+            break
+        size = sum(g == keys[k] for g in groups)
+        pool_keys.add(keys[k])
+        n += size
+    return np.array([g in pool_keys for g in groups])
+
+
+def split_domain(name: str, classnames: list[str], items: list[list[tuple[str, str, np.ndarray]]],
+                 seed: int, pool_frac: float = 0.4, min_pool: int = 4, max_pool: int = 60) -> Domain:
+    """``items[c]`` = (source, group key, image) of class c -> pool/test split."""
+    rng = np.random.default_rng([SEED, seed])
+    tr_x, tr_y, tr_s, te_x, te_y, te_s = [], [], [], [], [], []
+    for c, cls_items in enumerate(items):
+        if len(cls_items) < min_pool + 2:
+            raise SystemExit(f"{name}/{classnames[c]}: only {len(cls_items)} images")
+        mask = split_groups([g for _, g, _ in cls_items], rng, pool_frac, min_pool, max_pool)
+        for (src, _, img), in_pool in zip(cls_items, mask):
+            (tr_x if in_pool else te_x).append(img)
+            (tr_y if in_pool else te_y).append(c)
+            (tr_s if in_pool else te_s).append(src)
+    return Domain(name, classnames, np.stack(tr_x), np.array(tr_y, dtype=np.int64),
+                  np.stack(te_x), np.array(te_y, dtype=np.int64), tr_s, te_s)
+
+
+def clipart_files(folder: Path, recurse: bool = True) -> list[Path]:
+    pattern = "**/*.png" if recurse else "*.png"
+    return sorted(p for p in folder.glob(pattern) if p.is_file())
+
+
+def build_clipart_domain(name: str, spec: dict[str, list[str]], root: Path, seed: int,
+                         seen: dict[str, str]) -> Domain:
+    """A clip-art domain from folder lists; exact duplicate images are kept once."""
+    items = []
+    for cls, folders in spec.items():
+        cls_items = []
+        for folder in folders:
+            for p in clipart_files(root / folder):
+                img = load_clipart(p)
+                if img is None:
+                    continue
+                key = image_key(img)
+                if key in seen:
+                    continue
+                rel = str(p.relative_to(root))
+                seen[key] = f"{name}/{cls}"
+                cls_items.append((f"openclipart:{rel}", group_key(p), img))
+        items.append(cls_items)
+        print(f"  {name}/{cls}: {len(cls_items)} images")
+    return split_domain(name, list(spec), items, seed)
+
+
+def build_emoji_domain(emoji: list[Emoji], renderer: EmojiRenderer, seed: int,
+                       seen: dict[str, str]) -> Domain:
+    items = []
+    for cls, subgroup in EMOJI_THINGS.items():
+        cls_items = []
+        for e in emoji:
+            if e.subgroup != subgroup or e.name in EMOJI_THINGS_DROP.get(subgroup, ()):
+                continue
+            img = renderer.render(e.chars)
+            if img is None:
+                continue
+            key = image_key(img)
+            if key in seen:
+                continue
+            seen[key] = f"emoji_things/{cls}"
+            # each emoji is its own group
+            cls_items.append((f"emoji:{e.group}/{e.subgroup}/{e.name}", e.name, img))
+        items.append(cls_items)
+        print(f"  emoji_things/{cls}: {len(cls_items)} images")
+    return split_domain("emoji_things", list(EMOJI_THINGS), items, seed)
+
+
+# ---- alignment set ---------------------------------------------------------------------
+def build_alignment(emoji: list[Emoji], renderer: EmojiRenderer, root: Path,
+                    seen: dict[str, str]) -> tuple[np.ndarray, list[str], list[str]]:
+    """Emoji and clip art whose concepts are disjoint from the stream (see module notes)."""
+    rng = np.random.default_rng([SEED, 99])
+    images, captions, sources = [], [], []
+    dropped = {"stream word": 0, "duplicate of a stream image": 0, "duplicate": 0, "unrenderable": 0}
+
+    chosen = [e for e in emoji if e.group not in ALIGN_EMOJI_EXCLUDED_GROUPS
+              and e.subgroup not in ALIGN_EMOJI_EXCLUDED_SUBGROUPS]
+    emoji_items = []
+    for e in chosen:
+        if mentions_stream_class(e.name):
+            dropped["stream word"] += 1
+            continue
+        img = renderer.render(e.chars)
+        if img is None:
+            dropped["unrenderable"] += 1
+            continue
+        key = image_key(img)
+        if key in seen:
+            dropped["duplicate of a stream image" if seen[key] != "align" else "duplicate"] += 1
+            continue
+        seen[key] = "align"
+        emoji_items.append((img, f"an emoji of {e.name}.", f"emoji:{e.group}/{e.subgroup}/{e.name}"))
+    if len(emoji_items) > ALIGN_EMOJI_CAP:
+        keep = np.sort(rng.choice(len(emoji_items), size=ALIGN_EMOJI_CAP, replace=False))
+        emoji_items = [emoji_items[i] for i in keep]
+    print(f"  alignment emoji: {len(emoji_items)}")
+
+    clip_items = []
+    for folder, category in ALIGN_CLIPART.items():
+        all_files = clipart_files(root / folder, recurse=folder not in ALIGN_CLIPART_NO_RECURSE)
+        files = [p for p in all_files if not mentions_stream_class(p.stem)]
+        dropped["stream word"] += len(all_files) - len(files)
+        if len(files) > ALIGN_CLIPART_CAP:
+            files = [files[i] for i in np.sort(rng.choice(len(files), size=ALIGN_CLIPART_CAP, replace=False))]
+        n = 0
+        for p in files:
+            img = load_clipart(p)
+            if img is None:
+                continue
+            key = image_key(img)
+            if key in seen:
+                dropped["duplicate of a stream image" if seen[key] != "align" else "duplicate"] += 1
+                continue
+            seen[key] = "align"
+            clip_items.append((img, f"a clip art of a {category}.", f"openclipart:{p.relative_to(root)}"))
+            n += 1
+        print(f"  alignment clip art '{category}': {n}")
+    for img, cap, src in emoji_items + clip_items:
+        images.append(img)
+        captions.append(cap)
+        sources.append(src)
+    print(f"  alignment: {len(images)} pairs, dropped {dropped}")
+    return np.stack(images), captions, sources
+
+
+# ---- saving ----------------------------------------------------------------------------
+def gray(x: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) -> (N, H, W) when the image is grayscale (all channels equal)."""
+    if x.ndim == 4 and (x == x[..., :1]).all():
+        return np.ascontiguousarray(x[..., 0])
+    return x
+
+
+def npz_bytes(**arrays) -> bytes:
+    """A compressed .npz (readable by ``np.load``) whose bytes depend only on the arrays:
+    unlike ``np.savez_compressed`` it stamps every member with a fixed date."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, member.getvalue(), compresslevel=9)
+    return buf.getvalue()
+
+
+def domain_bytes(d: Domain) -> bytes:
+    return npz_bytes(
+        train_images=gray(d.train_images), train_labels=d.train_labels,
+        test_images=gray(d.test_images), test_labels=d.test_labels,
+        classnames=np.array(d.classnames), train_sources=np.array(d.train_sources),
+        test_sources=np.array(d.test_sources))
+
+
+def build_all(args) -> dict[str, bytes]:
+    """Build every output file in memory: {file name: content}."""
+    t0 = time.time()
+    emoji = read_emoji_test(args.emoji_test)
+    renderer = EmojiRenderer(args.emoji_font)
+    seen: dict[str, str] = {}  # image hash -> owner, for cross-file disjointness
+    print("fashion_mnist ...")
+    domains = [build_fashion(args.fashion_dir)]
+    print("digits ...")
+    domains.append(build_digits())
+    print("clipart_nature ...")
+    domains.append(build_clipart_domain("clipart_nature", CLIPART_NATURE, args.clipart_dir, 3, seen))
+    print("clipart_food ...")
+    domains.append(build_clipart_domain("clipart_food", CLIPART_FOOD, args.clipart_dir, 4, seen))
+    print("emoji_things ...")
+    domains.append(build_emoji_domain(emoji, renderer, 5, seen))
+    print("alignment set ...")
+    a_img, a_cap, a_src = build_alignment(emoji, renderer, args.clipart_dir, seen)
+
+    files = {f"{d.name}.npz": domain_bytes(d) for d in domains}
+    files["align.npz"] = npz_bytes(images=a_img, captions=np.array(a_cap), sources=np.array(a_src))
+    manifest = {
+        "description": "derived data of the xtail-mini stream; regenerate with data/build_xtail_mini.py",
+        "image_size": SIZE,
+        "seed": SEED,
+        "domains": [
+            {"name": d.name, "file": f"{d.name}.npz", "classes": d.classnames,
+             "pool": int(len(d.train_labels)), "test": int(len(d.test_labels)),
+             "pool_per_class": np.bincount(d.train_labels, minlength=len(d.classnames)).tolist(),
+             "test_per_class": np.bincount(d.test_labels, minlength=len(d.classnames)).tolist()}
+            for d in domains],
+        "align": {"file": "align.npz", "pairs": len(a_cap),
+                  "emoji": sum(s.startswith("emoji:") for s in a_src),
+                  "clipart": sum(s.startswith("openclipart:") for s in a_src),
+                  "captions": len(set(a_cap))},
+        "sha256": {name: hashlib.sha256(b).hexdigest() for name, b in sorted(files.items())},
+    }
+    files["manifest.json"] = (json.dumps(manifest, indent=1) + "\n").encode()
+    print(f"built in {time.time() - t0:.1f} s")
+    return files
+
+
+def main(argv=None) -> int:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=here / "xtail_mini")
+    ap.add_argument("--fashion-dir", type=Path, default=FASHION_DIR)
+    ap.add_argument("--clipart-dir", type=Path, default=CLIPART_DIR)
+    ap.add_argument("--emoji-test", type=Path, default=EMOJI_TEST)
+    ap.add_argument("--emoji-font", type=Path, default=EMOJI_FONT)
+    ap.add_argument("--check", action="store_true",
+                    help="rebuild in memory and compare with the files in --out (no writing)")
+    args = ap.parse_args(argv)
+    for p in (args.fashion_dir, args.clipart_dir, args.emoji_test, args.emoji_font):
+        if not p.exists():
+            print(f"error: source {p} not found (install the Debian package named in data/README.md)",
+                  file=sys.stderr)
+            return 2
+    Image.MAX_IMAGE_PIXELS = 200_000_000  # a few public-domain drawings are huge PNGs
+    files = build_all(args)
+    if args.check:
+        bad = [n for n, b in files.items() if not (args.out / n).is_file()
+               or hashlib.sha256((args.out / n).read_bytes()).digest() != hashlib.sha256(b).digest()]
+        print("identical" if not bad else f"differ: {bad}")
+        return 1 if bad else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        tmp = args.out / f".{name}.tmp"
+        tmp.write_bytes(content)
+        tmp.replace(args.out / name)
+    total = sum(len(b) for b in files.values())
+    print(f"wrote {len(files)} files to {args.out} ({total / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

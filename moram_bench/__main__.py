@@ -1,0 +1,102 @@
+"""Command line: ``python -m moram_bench <command> ...``.
+
+    fit [--config FILE] [key=value ...]   train a method through a stream (see README)
+    list                                   methods, streams and backbones with one-line summaries
+    bench [--quick] [--out FILE]           speed/memory benchmark of the memory layer
+
+Configuration problems print one line ``error: ...`` and exit with code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+USAGE_ERROR = 2
+
+
+def _fail(msg: str, code: int = USAGE_ERROR) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .config import ConfigError, resolve_config
+    from .streams.base import StreamError
+
+    try:
+        cfg = resolve_config(args.overrides, args.config)
+        from .runner import NonFiniteLossError, run
+
+        try:
+            run(cfg)
+        except NonFiniteLossError as e:
+            return _fail(str(e), 1)
+    except (ConfigError, StreamError, FileNotFoundError) as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished tasks are saved, run the same command again to resume", 130)
+    except Exception as e:  # lightning's configuration errors are user errors too
+        if type(e).__name__ == "MisconfigurationException":
+            return _fail(str(e).splitlines()[0])
+        raise
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from . import registry
+
+    registry.discover(args.plugins or [])
+    from .config import CONF_DIR
+    from omegaconf import OmegaConf
+
+    print("methods:")
+    for name in sorted(registry.METHODS):
+        cls = registry.METHODS[name]
+        mods = "/".join(getattr(cls, "modalities", ()))
+        print(f"  {name:<14} [{mods}] {registry.describe(cls)}")
+    print("streams:")
+    for name in sorted(registry.STREAMS):
+        path = CONF_DIR / "stream" / f"{name}.yaml"
+        extra = ""
+        if path.exists():
+            c = OmegaConf.load(path)
+            extra = f"[{c.get('modality', 'image')}, backbone {c.get('backbone')}] "
+        print(f"  {name:<14} {extra}{registry.describe(registry.STREAMS[name])}")
+    print("backbones:")
+    for name in sorted(registry.BACKBONES):
+        print(f"  {name:<14} {registry.describe(registry.BACKBONES[name])}")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from . import bench
+
+    return bench.main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m moram_bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p_fit = sub.add_parser("fit", help="train a method through a stream and write its run directory")
+    p_fit.add_argument("--config", help="a YAML file merged over the defaults")
+    p_fit.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+    p_list = sub.add_parser("list", help="list methods, streams and backbones")
+    p_list.add_argument("--plugins", nargs="*", help="extra method files or folders")
+    sub.add_parser("bench", help="benchmark the memory layer (see --help of the subcommand)", add_help=False)
+
+    if argv and argv[0] == "bench":
+        return cmd_bench(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "fit":
+        return cmd_fit(args)
+    if args.command == "list":
+        return cmd_list(args)
+    parser.print_help()
+    return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

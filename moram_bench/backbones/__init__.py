@@ -1,0 +1,1 @@
+"""Backbone loaders: each module registers its backbones with @register_backbone."""

@@ -1,0 +1,188 @@
+"""The contract every continual method meets, and the shared CLIP machinery.
+
+``ContinualModule`` (a LightningModule) is what the runner drives:
+
+    module = Method(run_cfg, stream, backbone)
+    for t in tasks:
+        module.begin_task(t)        # grow / freeze: BEFORE the task's Trainer wraps the module
+        Trainer(...).fit(module)    # training_step returns a loss; configure_optimizers is fresh
+        module.end_task(t)
+        Trainer(...).test(module)   # test_step returns per-sample scores (0..100) of task t
+
+A method file subclasses ``ContinualModule`` and implements ``setup_adapters`` /
+``begin_task`` / ``end_task`` (and ``extra_loss`` for regularisers) as needed. How a batch
+becomes a loss and how predictions become scores depends on the stream's modality and lives
+in a *protocol* object (``self.protocol``): ``ClipProtocol`` (moram_bench/protocols/clip.py)
+for image-text streams, ``TextProtocol`` for LLM streams. Prediction is task-agnostic: no
+task id at test time.
+
+Optimiser and schedule come from ``cfg.method.optim`` and are rebuilt for every task
+(``configure_optimizers`` is called by each new Trainer), with ``max_steps`` from the stream.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from .adapters.inject import inject_adapters
+from .config import ConfigError
+from .streams.base import Stream
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the task and the step."""
+
+
+class ContinualModule(pl.LightningModule):
+    """Base class of every method. Subclasses set ``method_name`` via @register_method."""
+
+    method_name: str = "?"
+    modalities: tuple[str, ...] = ("image",)  # stream modalities the method supports
+    trains: bool = True  # False for methods with nothing to train (zero-shot)
+    default_config: dict = {}
+
+    def __init__(self, cfg: DictConfig, stream: Stream, backbone: nn.Module):
+        super().__init__()
+        if stream.modality not in self.modalities:
+            raise ConfigError(
+                f"method {self.method_name!r} cannot run on {stream.modality} streams like {stream.name!r}"
+                f" (it supports: {', '.join(self.modalities)})")
+        self.run_cfg = cfg
+        self.hp = cfg.method  # this method's own settings
+        self.stream = stream
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.current_task = -1
+        self.task_steps = 0  # set by the runner: max_steps of the current task's Trainer
+        self.validate_config(self.hp)
+        from .protocols import make_protocol
+
+        self.protocol = make_protocol(self)
+        self.setup_adapters()
+        self._backbone_keys = set(backbone.state_dict().keys())
+
+    # ---- hooks for methods -----------------------------------------------------------
+    @classmethod
+    def validate_config(cls, hp: DictConfig) -> None:
+        """Raise ConfigError for impossible hyper-parameters (the runner calls this
+        before building anything, so a typo costs no waiting)."""
+
+    def setup_adapters(self) -> None:
+        """Inject adapters into ``self.backbone`` (called once, in __init__)."""
+
+    def begin_task(self, task: int, restoring: bool = False) -> None:
+        """Grow/freeze parameters for ``task``. ``restoring``: rebuilding the architecture
+        to load a checkpoint (skip data-dependent work; the weights are loaded afterwards)."""
+        self.current_task = task
+
+    def end_task(self, task: int, restoring: bool = False) -> None:
+        """Called after the task's training (freeze, consolidate, update bases...)."""
+
+    def extra_loss(self, batch: dict, outputs: dict) -> torch.Tensor | None:
+        """Method-specific loss terms added to the protocol's task loss (None: nothing)."""
+        return None
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """Method facts recorded in metrics.json (switches that change fairness, sizes)."""
+        return {}
+
+    # ---- shared helpers -----------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def count_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def grown_state(self) -> dict[str, torch.Tensor]:
+        """Everything not in the original frozen backbone (atoms, experts, prompts, bases)."""
+        prefix = "backbone."
+        out = {}
+        for k, v in self.state_dict().items():
+            bk = k[len(prefix):] if k.startswith(prefix) else None
+            if bk is None or bk not in self._backbone_keys:
+                out[k] = v.detach().clone()
+        return out
+
+    def load_grown_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.grown_state()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the grown model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.load_state_dict(state, strict=False)
+
+    def inject(self, factory, patterns=None, exclude=()):
+        """Inject one adapter per matching Linear of the backbone (the one injection path)."""
+        pats = list(patterns) if patterns else list(self.backbone.info.get("adapter_targets", []))
+        if not pats:
+            raise ConfigError(f"backbone {self.backbone.name!r} declares no adapter targets; set method.targets")
+        return inject_adapters(self.backbone.model, pats, factory, exclude=exclude)
+
+    # ---- optimisation (fresh per task) --------------------------------------------------
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError(f"{self.method_name}: no trainable parameters in task {self.current_task}")
+        o = self.hp.optim
+        name = str(o.get("name", "adamw")).lower()
+        kw = dict(lr=float(o.lr), weight_decay=float(o.get("weight_decay", 0.0)))
+        if name in ("adamw", "adam"):
+            kw["betas"] = tuple(o.get("betas", (0.9, 0.999)))
+            kw["eps"] = float(o.get("eps", 1e-8))
+            opt = (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(params, **kw)
+        elif name == "sgd":
+            opt = torch.optim.SGD(params, momentum=float(o.get("momentum", 0.0)), **kw)
+        else:
+            raise ConfigError(f"unknown optimizer {name!r}; valid choices: adamw, adam, sgd")
+        total = max(1, int(self.trainer.max_steps) if self.trainer.max_steps > 0 else 1)
+        warm = int(o.get("warmup_steps", 0) or 0)
+        schedule = str(o.get("schedule", "cosine")).lower()
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            if schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            task = self.stream.tasks[self.current_task].name
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) in task {self.current_task + 1} ({task}) at step "
+                f"{self.trainer.global_step + 1}; finished tasks are kept in the run directory")
+
+    def log_train(self, name: str, value: torch.Tensor, **kw) -> None:
+        """Log with the task in the key so curves of successive tasks never overwrite."""
+        self.log(f"train/task{self.current_task + 1}/{name}", value, **kw)
+
+    # ---- training and evaluation: delegated to the modality's protocol --------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, outputs = self.protocol.loss(batch, self.current_task)
+        extra = self.extra_loss(batch, outputs)
+        if extra is not None:
+            self.log_train("extra_loss", extra.detach(), batch_size=self.protocol.batch_size(batch))
+            loss = loss + extra
+        self.log_train("loss", loss.detach(), prog_bar=True, batch_size=self.protocol.batch_size(batch))
+        return loss
+
+    def on_test_epoch_start(self) -> None:
+        self.protocol.on_eval_start()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Per-sample scores (0..100) of test task ``dataloader_idx``; the task id only
+        selects the scorer and label columns, never the model's behaviour."""
+        return self.protocol.scores(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.protocol.on_eval_end()

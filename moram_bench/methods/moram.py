@@ -1,0 +1,75 @@
+"""MoRAM: Mixture of Rank-1 Associative Memory (arXiv 2506.21035, ICML 2026).
+
+Every adapted Linear gets a ``RankOneMemory`` (moram_bench/memory.py): a growing set of
+rank-1 key/value atoms that score their own relevance to each token (no router). Each
+task appends ``r`` atoms; earlier atoms are frozen and keep being retrieved. Everything
+that is not an atom stays frozen, logit_scale included.
+
+Placement: the backbone's declared adapter targets (CLIP: q/k/v/out_proj and both MLP
+linears of every block of both towers; for the CNN+MiniLM ``mini-clip``, the 36 MiniLM
+linears and both projections; LLM: q/k/v/o_proj) unless ``method.targets`` overrides them.
+
+Quirks of the official code, as switches (defaults in conf/method/moram.yaml):
+- ``fold_scale`` (default true): fold the training scale s into the values when freezing,
+  so frozen atoms keep their effect; false reproduces the official LLM halving (s=2 during
+  training, stored unscaled). Irrelevant for CLIP (s=1).
+- ``keep_null_atoms`` (default false): the official LLM code leaves r freshly initialised
+  keys with zero values in the memory after the last task; true reproduces that.
+"""
+from __future__ import annotations
+
+from ..config import ConfigError
+from ..memory import RankOneMemory
+from ..method import ContinualModule
+from ..registry import register_method
+
+
+@register_method("moram")
+class MoRAM(ContinualModule):
+    """MoRAM: a memory of rank-1 key/value atoms per layer, self-activated, r atoms added per task."""
+
+    modalities = ("image", "text")
+
+    @classmethod
+    def validate_config(cls, h) -> None:
+        if int(h.r) < 1:
+            raise ConfigError(f"method.r must be >= 1 (got {h.r})")
+        if int(h.topk) < 1:
+            raise ConfigError(f"method.topk must be >= 1 (got {h.topk})")
+        if float(h.tau) <= 0:
+            raise ConfigError(f"method.tau must be > 0 (got {h.tau})")
+        if not 0.0 <= float(h.dropout) < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1) (got {h.dropout})")
+
+    def setup_adapters(self) -> None:
+        h = self.hp
+
+        def factory(name, linear):
+            return RankOneMemory(linear.in_features, linear.out_features, topk=int(h.topk), tau=float(h.tau),
+                                 delta=float(h.delta), dropout=float(h.dropout), scale=float(h.scale),
+                                 fold_scale=bool(h.fold_scale))
+
+        self.memories = self.inject(factory, patterns=h.get("targets"))
+
+    def _all_memories(self):
+        return [m.adapter for m in self.memories.values()]
+
+    def begin_task(self, task: int, restoring: bool = False) -> None:
+        super().begin_task(task, restoring)
+        for mem in self._all_memories():
+            mem.grow(int(self.hp.r))  # freezes the previous task's atoms, appends r new ones
+
+    def end_task(self, task: int, restoring: bool = False) -> None:
+        last = task == len(self.stream) - 1
+        if last and self.hp.keep_null_atoms:
+            for mem in self._all_memories():
+                mem.grow(int(self.hp.r))  # official quirk: fresh keys, zero values, left in
+        for mem in self._all_memories():
+            mem.freeze()
+
+    def extra_metrics(self) -> dict:
+        mems = self._all_memories()
+        return {"adapted_layers": len(mems), "atoms_per_layer": mems[0].n_atoms if mems else 0,
+                "r": int(self.hp.r), "topk": int(self.hp.topk), "tau": float(self.hp.tau),
+                "delta": float(self.hp.delta), "fold_scale": bool(self.hp.fold_scale),
+                "keep_null_atoms": bool(self.hp.keep_null_atoms)}

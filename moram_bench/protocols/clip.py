@@ -1,0 +1,79 @@
+"""The CLIP protocol: class-prompt text embeddings, the CLIP loss, task-agnostic scoring.
+
+Training (task t): image->text cross-entropy over the current task's class prompts plus the
+text-side cross-entropy (the official MoRAM code sums both). Evaluation: every test image is
+scored against the text embeddings of the stream's whole label space (``union``: all
+classes of all tasks, X-TAIL; ``per_task``: the task's own classes, MTIL), computed once
+per evaluation. Images arrive as pixels or as cached trunk features (``is_feature``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class ClipProtocol:
+    def __init__(self, module):
+        # a plain reference (not a submodule): the protocol owns no parameters
+        self.m = module
+        self._eval_text: torch.Tensor | None = None
+
+    @property
+    def backbone(self):
+        return self.m.backbone
+
+    @property
+    def stream(self):
+        return self.m.stream
+
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        return len(batch["label"])
+
+    # ---- embeddings -----------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.backbone.tokenize(prompts).to(self.m.device)
+        return F.normalize(self.backbone.encode_text(tokens), dim=-1)
+
+    def image_query(self, batch: dict) -> torch.Tensor:
+        """The frozen, un-adapted trunk output (what cached features hold)."""
+        x = batch["x"]
+        return x if batch.get("is_feature", False) else self.backbone.image_trunk(x)
+
+    def encode_images(self, batch: dict) -> torch.Tensor:
+        return F.normalize(self.backbone.image_head(self.image_query(batch)), dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.backbone.logit_scale.exp()
+
+    # ---- training ---------------------------------------------------------------------
+    def loss(self, batch: dict, task: int) -> tuple[torch.Tensor, dict]:
+        """The official loss builds logits over all seen classes with earlier classes
+        masked to -inf: exactly the softmax over the current task's classes used here.
+        Text side: row i is the prompt of sample i's class scored against every image of
+        the batch, target i."""
+        t = self.stream.tasks[task]
+        img = self.encode_images(batch)
+        local = batch["label"] - t.label_offset
+        text = self.encode_prompts(t.prompts())  # with grad: the text tower adapts
+        logits = self.logit_scale() * img @ text.t()  # (B, C_t)
+        loss_img = F.cross_entropy(logits, local)
+        loss_txt = F.cross_entropy(logits[:, local].t(), torch.arange(len(local), device=logits.device))
+        return loss_img + loss_txt, {"image_emb": img, "text_emb": text, "logits": logits}
+
+    # ---- evaluation (task-agnostic) ---------------------------------------------------
+    @torch.no_grad()
+    def on_eval_start(self) -> None:
+        prompts = self.stream.all_prompts()
+        self._eval_text = torch.cat([self.encode_prompts(prompts[i:i + 256]) for i in range(0, len(prompts), 256)])
+
+    def logits(self, batch: dict, task: int) -> torch.Tensor:
+        img = self.encode_images(batch)
+        return img @ self._eval_text[self.stream.class_slice(task)].t()
+
+    def scores(self, batch: dict, task: int) -> torch.Tensor:
+        pred = self.logits(batch, task).argmax(-1)
+        return (pred == batch["label"]).to(torch.float64) * 100.0
+
+    def on_eval_end(self) -> None:
+        self._eval_text = None

@@ -1,0 +1,1 @@
+"""Stream definitions: each module registers its streams with @register_stream."""
