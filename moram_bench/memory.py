@@ -112,6 +112,25 @@ def _gather_dot_chunked(g: torch.Tensor, table: torch.Tensor, idx: torch.Tensor,
     return out
 
 
+def _bag(idx: torch.Tensor, coef: torch.Tensor, table: torch.Tensor, dense: bool) -> torch.Tensor:
+    """``out[t] = sum_j coef[t, j] * table[idx[t, j]]`` (``idx`` has distinct entries per row).
+
+    Sparse: ``F.embedding_bag`` (no ``(T, k, d)`` tensor). Dense: scatter the coefficients
+    into a ``(T, M)`` matrix and use one matmul, faster when ``M`` is only a few times ``k``.
+    """
+    if dense:
+        full = coef.new_zeros(idx.shape[0], table.shape[0]).scatter_(1, idx, coef)
+        return torch.mm(full, table)
+    return F.embedding_bag(idx, table, per_sample_weights=coef, mode="sum")
+
+
+def _dot(g: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, dense: bool) -> torch.Tensor:
+    """``out[t, j] = g[t] · table[idx[t, j]]``: dense (one matmul, then gather) or ``gather_dot``."""
+    if dense:
+        return torch.mm(g, table.t()).gather(1, idx)
+    return gather_dot(g, table, idx)
+
+
 def _route(p: torch.Tensor, k: int, tau: float, gate_delta: float | None, eps: float):
     """Top-k self-activation routing on raw key projections ``p (T, N)``.
 
@@ -148,13 +167,17 @@ class _MemoryRead(torch.autograd.Function):
         n_atoms, n_frozen = mem.n_atoms, mem.n_frozen
         key_store = mem._key_store[:n_atoms]
         val_store = mem._val_store[:n_atoms]
+        k = mem._k()
+        dense = mem._dense(k)
         p = torch.mm(x, key_store.t())
-        idx, pv, n, norm, zs, u, gate, w = _route(p, mem._k(), mem.tau, gate_delta, mem.eps)
+        idx, pv, n, norm, zs, u, gate, w = _route(p, k, mem.tau, gate_delta, mem.eps)
         coef = w * pv
-        delta = F.embedding_bag(idx, val_store, per_sample_weights=coef, mode="sum")
+        delta = _bag(idx, coef, val_store, dense)
         mem._record(idx, w, gate)
 
         use_gram = mem._gram is not None     # cached while n_frozen > d_in
+        # Keep p for the backward only if A^T p is computed from it (N <= d_in); with the
+        # Gram matrix only the current atoms' columns are needed.
         p_keep = p[:, n_frozen:].contiguous() if use_gram else p
         ctx.save_for_backward(x, keys, values, idx, pv, n, norm, zs, u, w, coef, p_keep,
                               gate if gate is not None else torch.empty(0, dtype=torch.bool))
@@ -162,7 +185,7 @@ class _MemoryRead(torch.autograd.Function):
         # values by later calls, which must not trip the saved-tensor version check).
         ctx.key_store, ctx.val_store = key_store, val_store
         ctx.gram = mem._gram if use_gram else None
-        ctx.use_gram, ctx.n_frozen = use_gram, n_frozen
+        ctx.use_gram, ctx.dense, ctx.n_frozen = use_gram, dense, n_frozen
         ctx.tau, ctx.scale, ctx.eps, ctx.has_gate = mem.tau, mem.scale, mem.eps, gate is not None
         return delta
 
@@ -170,48 +193,51 @@ class _MemoryRead(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, keys, values, idx, pv, n, norm, zs, u, w, coef, p_keep, gate = ctx.saved_tensors
-        key_store, val_store, n_frozen, tau = ctx.key_store, ctx.val_store, ctx.n_frozen, ctx.tau
+        key_store, val_store, n_frozen = ctx.key_store, ctx.val_store, ctx.n_frozen
+        dense, tau = ctx.dense, ctx.tau
         need_x, need_keys, need_values = ctx.needs_input_grad[:3]
         g = g.contiguous()
         grad_x = grad_keys = grad_values = None
 
         # delta = sum_j coef_j V[idx_j],  coef = w * pv
-        dcoef = gather_dot(g, val_store, idx)
+        dcoef = _dot(g, val_store, idx, dense)
         dpv = dcoef * w
         du = dcoef * pv
         if ctx.has_gate:
             du = du * gate
-        # u = softmax(zs / tau)
+        # w = u * gate,  u = softmax(zs / tau)
         dzs = u * (du - (u * du).sum(1, keepdim=True)) / tau
-        # zs = pv / n  ->  d pv += dzs / n ;  d n = -sum(dzs * zs) / n
+        # zs = pv / n:  d pv += dzs / n,  d n = -sum(dzs * pv) / n^2 = -sum(dzs * zs) / n
         dpv = dpv + dzs / n[:, None]
         dn = -(dzs * zs).sum(1) / n
-        # n = max(||p||, eps): d p += (dn / n) * p where the norm is not clamped
+        # n = max(||p||, eps):  d p += (dn / n) * p where the norm is not clamped.
         c = torch.where(norm >= ctx.eps, dn / n, torch.zeros_like(dn))
-        # dL/dp = scatter(idx, dpv) + c * p
+        # In all:  dL/dp = scatter(idx, dpv) + c * p   (sparse + a multiple of p).
 
-        if ctx.use_gram:
-            p_cur = p_keep
-        else:
-            p_cur = p_keep[:, n_frozen:]
-        is_cur = idx >= n_frozen
-        idx_cur = (idx - n_frozen).clamp_min(0)
-
+        p_cur = p_keep if ctx.use_gram else p_keep[:, n_frozen:]
         if need_x:
-            grad_x = F.embedding_bag(idx, key_store, per_sample_weights=dpv, mode="sum")
+            # dL/dx = A^T dL/dp = sum_j dpv_j a_{idx_j} + c * A^T p
             if ctx.use_gram:
-                # A^T p = A_f^T A_f x + A_cur^T p_cur
-                ap = torch.mm(x, ctx.gram)
+                grad_x = _bag(idx, dpv, key_store, dense)
+                a_t_p = torch.mm(x, ctx.gram)          # A_f^T A_f x
                 if p_cur.shape[1]:
-                    ap.addmm_(p_cur, key_store[n_frozen:])
-                grad_x.addcmul_(ap, c[:, None])
+                    a_t_p.addmm_(p_cur, key_store[n_frozen:])
+                grad_x.addcmul_(a_t_p, c[:, None])
+            elif dense:
+                dp = (p_keep * c[:, None]).scatter_add_(1, idx, dpv)
+                grad_x = torch.mm(dp, key_store)
             else:
+                grad_x = _bag(idx, dpv, key_store, dense)
                 grad_x.addmm_(p_keep * c[:, None], key_store)
+        if need_keys or need_values:
+            is_cur = idx >= n_frozen
+            idx_cur = (idx - n_frozen).clamp_min(0)
         if need_keys:
             dp_cur = p_cur * c[:, None]
             dp_cur.scatter_add_(1, idx_cur, torch.where(is_cur, dpv, torch.zeros_like(dpv)))
             grad_keys = torch.mm(dp_cur.t(), x)
         if need_values:
+            # value rows in the store are scale * values^T
             m_cur = torch.zeros_like(p_cur)
             m_cur.scatter_add_(1, idx_cur, torch.where(is_cur, coef, torch.zeros_like(coef)))
             grad_values = torch.mm(g.t(), m_cur).mul_(ctx.scale)
@@ -238,6 +264,11 @@ class RankOneMemory(nn.Module):
             ``False`` reproduces the official LLM code's unscaled storage.
         eps: floor of the norm in the normalisation.
     """
+
+    #: Value products are dense (one matmul over all N atoms) when N <= this times k, and
+    #: gather only the k selected rows otherwise (see ``_bag``). Tuned on CPU; a speed knob,
+    #: results are the same either way.
+    dense_max_ratio: float = 4.0
 
     def __init__(self, d_in: int, d_out: int, topk: int = 16, tau: float = 0.01,
                  delta: float = 0.2, dropout: float = 0.0, scale: float = 1.0,
@@ -310,6 +341,11 @@ class RankOneMemory(nn.Module):
 
     def _k(self) -> int:
         return min(max(self.topk, 2), self.n_atoms)
+
+    def _dense(self, k: int) -> bool:
+        """Use dense (matmul) value products: when ``N <= dense_max_ratio * k`` a BLAS
+        product over all ``N`` atoms is cheaper than gathering ``k`` rows per token."""
+        return self.n_atoms <= self.dense_max_ratio * k
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, n_frozen={self.n_frozen}, "
@@ -427,7 +463,7 @@ class RankOneMemory(nn.Module):
         """``y0 + delta`` in ``y0``'s shape and dtype (added in the wider dtype)."""
         delta = delta.view(y0.shape)
         if delta.dtype == y0.dtype:
-            return y0 + delta
+            return delta.add_(y0)      # delta is a fresh tensor: reuse it for the output
         return (delta + y0).to(y0.dtype)
 
     def forward(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
@@ -452,10 +488,11 @@ class RankOneMemory(nn.Module):
         """Memory read without autograd bookkeeping (evaluation, ``no_grad``)."""
         n = self.n_atoms
         p = torch.mm(x2, self._key_store[:n].t())
-        idx, pv, _, _, _, _, gate, w = _route(p, self._k(), self.tau, gate_delta, self.eps)
+        k = self._k()
+        idx, pv, _, _, _, _, gate, w = _route(p, k, self.tau, gate_delta, self.eps)
         self._record(idx, w, gate)
         coef = pv.mul_(w)
-        return F.embedding_bag(idx, self._val_store[:n], per_sample_weights=coef, mode="sum")
+        return _bag(idx, coef, self._val_store[:n], self._dense(k))
 
     def reference_forward(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         """The straightforward formula, for tests and benchmarks: concatenates the whole

@@ -65,7 +65,6 @@ class ContinualModule(pl.LightningModule):
 
         self.protocol = make_protocol(self)
         self.setup_adapters()
-        self._backbone_keys = set(backbone.state_dict().keys())
 
     # ---- hooks for methods -----------------------------------------------------------
     @classmethod
@@ -100,14 +99,11 @@ class ContinualModule(pl.LightningModule):
         return sum(p.numel() for p in self.trainable_parameters())
 
     def grown_state(self) -> dict[str, torch.Tensor]:
-        """Everything not in the original frozen backbone (atoms, experts, prompts, bases)."""
-        prefix = "backbone."
-        out = {}
-        for k, v in self.state_dict().items():
-            bk = k[len(prefix):] if k.startswith(prefix) else None
-            if bk is None or bk not in self._backbone_keys:
-                out[k] = v.detach().clone()
-        return out
+        """Everything the method added (atoms, experts, prompts, bases): the state of the
+        adapters injected into the backbone plus any parameter/buffer the method holds
+        outside the backbone. The frozen backbone itself is never checkpointed."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()
+                if not k.startswith("backbone.") or ".adapter." in k}
 
     def load_grown_state(self, state: dict[str, torch.Tensor]) -> None:
         own = self.grown_state()

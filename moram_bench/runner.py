@@ -386,7 +386,7 @@ def print_summary(results: dict, run: Run) -> None:
     print("accuracy matrix (rows: after task i, row 0 = untrained; columns: test task; 0-100)")
     print(M.format_matrix(np.asarray(results["matrix"]), results["task_names"]))
     print()
-    print(M.format_metrics(results))
+    print(M.format_metrics({k: results[k] for k in M.METRIC_NAMES if k in results}))
     print(f"time: setup {results['setup_seconds']:.1f}s, training {results['train_seconds']:.1f}s, "
           f"evaluation {results['eval_seconds']:.1f}s; params added {results['params_added']:,}")
     print(f"run directory: {run.out}")

@@ -259,7 +259,10 @@ def _load_torchscript_weights(model: nn.Module, path: str) -> None:
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
     state_dict = torch.jit.load(path, map_location="cpu").state_dict()
-    for key in ("input_resolution", "context_length", "vocab_size"):
+    # OpenAI archives carry three scalar entries; scripted open_clip models carry their
+    # non-persistent buffers (the causal attn_mask), which the model rebuilds itself
+    non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    for key in ("input_resolution", "context_length", "vocab_size", *non_persistent):
         state_dict.pop(key, None)
     scale = state_dict.get("logit_scale")
     if scale is not None and scale.ndim != model.logit_scale.ndim:
