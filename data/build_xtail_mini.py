@@ -10,13 +10,17 @@ with scikit-learn (see ``data/README.md`` for provenance and licences):
 - Noto Color Emoji (Debian ``fonts-noto-color-emoji``, OFL 1.1) rendered with Pillow,
   named and grouped by ``emoji-test.txt`` (Debian ``unicode-data``, Unicode licence).
 
-Outputs (all images uint8, 64x64; grayscale domains stored with one channel):
+Outputs (all images uint8; the stream presents every image at 64x64 RGB):
 
 - ``<domain>.npz`` per stream domain: ``train_images``, ``train_labels`` (the few-shot
-  *pool*), ``test_images``, ``test_labels``, ``classnames`` and ``sources`` (where each
-  image came from, train pool first);
-- ``align.npz``: ``images`` (N, 64, 64, 3), ``captions`` and ``sources``: image-caption
-  pairs for aligning the ``mini-clip`` backbone, disjoint from every stream domain;
+  *pool*), ``test_images``, ``test_labels``, ``classnames``, ``train_sources`` and
+  ``test_sources`` (where each image came from). Clip-art and emoji images are stored at
+  64x64x3; Fashion-MNIST at its native 28x28 and sklearn digits as the original 8x8 ink
+  counts (0..16): ``moram_bench.streams.xtail_mini`` upsamples / renders those two at load
+  time, which keeps the committed files ~10x smaller;
+- ``align.npz``: 64x64 RGB images palette-encoded (``indices`` (N, 64, 64) into per-image
+  ``palettes`` (N, 64, 3)), ``captions`` and ``sources``: image-caption pairs for aligning
+  the ``mini-clip`` backbone, disjoint from every stream domain;
 - ``manifest.json``: counts, sha256 of every file, and the build settings.
 
 The build is deterministic (sorted file lists, fixed seeds). Run from the repository root:
@@ -71,6 +75,40 @@ CLIPART_FOOD = {
     "meat or eggs": ["food/meats_and_eggs"],
     "bread": ["food/breads_and_carbs"],
     "vegetable": ["food/vegetables"],
+}
+# files of those folders that are not an instance of their folder's class (tools in the
+# tree folder, flower pots among beverages, pies among fruit, ...): never used anywhere
+CLIPART_DROP = {
+    # "Linked Image Not Found" placeholders
+    "animals/birds/duck_yellow_ii_kurt_cagl_.png", "animals/birds/penguin/tux_didier_fabert_01.png",
+    # not an instance of the class
+    "animals/birds/contour_bat.png", "animals/birds/manager_mimooh_01.png",
+    "animals/birds/turkey_on_platter_01.png", "food/meats_and_eggs/turkey_on_platter_01.png",
+    "animals/fish/crawfish1_bw_ganson.png", "animals/fish/crawfish1_ganson.png",
+    "animals/fish/crawfish2_bw_ganson.png", "animals/fish/crawfish2_ganson.png",
+    "animals/fish/kallisti-grenade_1_nurbl_01.png", "animals/fish/paesaggio_marino_archite_01.png",
+    "animals/bugs/lumaca_architetto_france_01.png", "animals/bugs/lumaca_turbo_architetto__01.png",
+    "animals/bugs/virus_andreas_nilsson_01.png", "animals/bugs/mostriciattolo2_architet_01.png",
+    "animals/bugs/mostriciattolo_architett_01.png", "animals/bugs/spider.png",
+    "animals/bugs/ragnetto_incazzato_archi_01.png", "animals/bugs/ragno_figo_architetto_fr_01.png",
+    "animals/mammals/emule_icon_emule.org_01.png",
+    "plants/flowers/cartoon_tree_01.png", "plants/flowers/cactus_linda_kim_01.png",
+    "plants/trees/bowsaw_benji_park_01.png", "plants/trees/bypasspruner_benji_park_01.png",
+    "plants/trees/christmas_balls_mo_01.png", "plants/trees/fern_mo_01.png",
+    "plants/trees/fall_coloured_leaf_geral_01.png", "plants/trees/fall_coloured_leaf_geral_02.png",
+    "food/fruit/apple_juice_box.png", "food/fruit/apple_juice_box_bw.png",
+    "food/fruit/juice_glass_andremarcel._01.png", "food/fruit/champignon_01.png",
+    "food/fruit/straw_tote_linda_kim_01.png", "food/fruit/kallisti-grenade_1_nurbl_01.png",
+    "food/fruit/pie_apple.png", "food/fruit/pie_apple_bw.png", "food/fruit/pie_cherry.png",
+    "food/fruit/pie_cherry_bw.png", "food/fruit/turkey_platter_01_with_fruit_and_vegitables_01.png",
+    "food/beverages/flower-pot_01.png", "food/beverages/flower-pot_02.png",
+    "food/beverages/ice_cube_jarno_vasamaa_.png", "food/beverages/icecube_benji_park_.png",
+    "food/beverages/alcohol/wooden_barrel_petri_lumm_01.png", "food/beverages/alcohol/wine_corks_ganson.png",
+    "food/meats_and_eggs/frying_pan_padella_in_i_03.png",
+    "food/meats_and_eggs/fuoco_da_campeggio_archi_01.png", "food/meats_and_eggs/mcoon_01.png",
+    "food/breads_and_carbs/potato_chips.png", "food/breads_and_carbs/potato_chips_bw.png",
+    "food/breads_and_carbs/potato_nicu_buculei_.png", "food/breads_and_carbs/potato_nicu_buculei_01.png",
+    "food/breads_and_carbs/hash_browns.png", "food/breads_and_carbs/hash_browns_bw.png",
 }
 # emoji stream domain: class name -> emoji-test.txt subgroup
 EMOJI_THINGS = {
@@ -142,8 +180,10 @@ ALIGN_CLIPART = {
     "decorations": "ornament",
 }
 # folders listed above whose sub-folders belong to another category or are excluded
-ALIGN_CLIPART_NO_RECURSE = {"computer/hardware", "electronics", "people"}
+# (geography/astronomy and science/astronomy: planets and stars are "weather or sky")
+ALIGN_CLIPART_NO_RECURSE = {"computer/hardware", "electronics", "people", "geography", "science"}
 ALIGN_CLIPART_CAP = 90  # at most this many images per caption category
+ALIGN_COLOURS = 64  # alignment images are stored palette-indexed with this many colours
 ALIGN_EMOJI_CAP = 1300  # at most this many emoji
 # words (in emoji names or clip-art file names) that name a stream class or a typical
 # member of one: such items are dropped from the alignment set
@@ -228,15 +268,46 @@ def image_key(arr: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def group_key(path: Path) -> str:
-    """Files that are variants of one drawing (``x_01``/``x_02``, ``x``/``x_bw``, ...)
-    share a key, so that a split never puts one variant in the pool and another in test."""
-    stem = path.stem.lower()
-    prev = None
-    while prev != stem:
-        prev = stem
-        stem = re.sub(r"([_\-. ]?(bw|r|s|c|l|color|colour|\d+)|[_\-. ])$", "", stem)
-    return f"{path.parent.name}/{stem}"
+def name_stem(path_or_name) -> str:
+    """A file name without extension, black-and-white markers and trailing numbering,
+    cut to 10 characters (Debian truncated long names at different points)."""
+    stem = Path(str(path_or_name)).stem.lower()
+    stem = re.sub(r"(^|[_\-. ])(b_?w|colou?r)(?=[_\-. ]|$)", "", stem)  # "_bw", "b_w_", "color_"
+    stem = re.sub(r"[_\-. \d]+$", "", stem).lstrip("_-. ")
+    return stem[:10]
+
+
+def thumbnails(images: list[np.ndarray]) -> np.ndarray:
+    """16x16 grey thumbnails, standardised per image: colour and b/w versions of one
+    drawing come out nearly equal."""
+    t = np.stack([np.asarray(Image.fromarray(x).convert("L").resize((16, 16), Image.BOX), dtype=np.float32)
+                  for x in images])
+    return (t - t.mean((1, 2), keepdims=True)) / (t.std((1, 2), keepdims=True) + 1e-3)
+
+
+def variant_groups(names: list[str], images: list[np.ndarray], same_name_dist: float = 0.35,
+                   any_name_dist: float = 0.1) -> list[int]:
+    """Group near-duplicates of ONE class (colour/b&w versions, recoloured copies): two
+    images are variants if their thumbnails differ by less than ``any_name_dist``, or by
+    less than ``same_name_dist`` when their file names share a stem. Returns a group id
+    per image (union-find over those pairs), so a split keeps variants together."""
+    n = len(names)
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    th = thumbnails(images)
+    stems = [name_stem(x) for x in names]
+    for i in range(n):
+        dist = np.abs(th[i + 1:] - th[i]).mean((1, 2))
+        for j in np.flatnonzero(dist < same_name_dist) + i + 1:
+            if dist[j - i - 1] < any_name_dist or stems[i] == stems[j]:
+                parent[find(j)] = find(i)
+    return [find(i) for i in range(n)]
 
 
 def words(text: str) -> set[str]:
@@ -317,8 +388,9 @@ def per_class_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np
 
 
 def build_fashion(root: Path, pool_per_class: int = 100, test_per_class: int = 100) -> Domain:
-    """Fashion-MNIST: 100 pool images per class from the train split, 100 test images per
-    class from the test split, upscaled 28 -> 64 px (bicubic), one channel."""
+    """Fashion-MNIST: 100 pool images per class from the train split and 100 test images per
+    class from the test split, stored at their native 28x28 (the stream upsamples them to
+    64x64: storing the upsampled copies would cost 5x the space for no information)."""
     rng = np.random.default_rng([SEED, 1])
     xtr = read_idx(root / "train-images-idx3-ubyte.gz")
     ytr = read_idx(root / "train-labels-idx1-ubyte.gz").astype(np.int64)
@@ -326,67 +398,62 @@ def build_fashion(root: Path, pool_per_class: int = 100, test_per_class: int = 1
     yte = read_idx(root / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
     itr = per_class_sample(ytr, pool_per_class, rng)
     ite = per_class_sample(yte, test_per_class, rng)
-
-    def up(x):
-        return np.stack([np.asarray(Image.fromarray(a).resize((SIZE, SIZE), Image.BICUBIC)) for a in x])
-
-    return Domain("fashion_mnist", list(FASHION_CLASSES), up(xtr[itr]), ytr[itr], up(xte[ite]), yte[ite],
+    return Domain("fashion_mnist", list(FASHION_CLASSES), xtr[itr], ytr[itr], xte[ite], yte[ite],
                   [f"fashion-mnist:train/{i}" for i in itr], [f"fashion-mnist:t10k/{i}" for i in ite])
 
 
-def render_digit(img8: np.ndarray) -> np.ndarray:
-    """An 8x8 optdigits count image (0..16, ink = high) as a 64x64 pen-on-paper picture:
-    bicubic upsampling of the ink density, a smooth contrast curve that turns the blurred
-    blocks into strokes with soft edges, then dark ink on white paper."""
-    ink = Image.fromarray((img8.astype(np.float32) / 16.0))  # mode F
-    ink = np.asarray(ink.resize((SIZE, SIZE), Image.BICUBIC), dtype=np.float32).clip(0, 1)
-    ink = 1.0 / (1.0 + np.exp(-12.0 * (ink - 0.45)))  # sigmoid contrast: strokes ~ solid
-    ink = (ink - ink.min()) / max(float(ink.max() - ink.min()), 1e-6)
-    return (255.0 * (1.0 - ink)).round().astype(np.uint8)
-
-
 def build_digits(pool_per_class: int = 60) -> Domain:
-    """scikit-learn's digits: ``pool_per_class`` pool images per class, the rest is test."""
+    """scikit-learn's digits: ``pool_per_class`` pool images per class, the rest is test.
+    Stored as the original 8x8 ink counts (0..16); the stream renders them at 64x64
+    (``moram_bench.streams.xtail_mini.render_digit``)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x, y = d.images, d.target.astype(np.int64)
+    x, y = d.images.astype(np.uint8), d.target.astype(np.int64)
     rng = np.random.default_rng([SEED, 2])
     itr = per_class_sample(y, pool_per_class, rng)
     ite = np.setdiff1d(np.arange(len(y)), itr)
-    imgs = np.stack([render_digit(a) for a in x])
-    return Domain("digits", list(DIGIT_CLASSES), imgs[itr], y[itr], imgs[ite], y[ite],
+    return Domain("digits", list(DIGIT_CLASSES), x[itr], y[itr], x[ite], y[ite],
                   [f"sklearn-digits:{i}" for i in itr], [f"sklearn-digits:{i}" for i in ite])
 
 
-def split_groups(groups: list[str], rng: np.random.Generator, pool_frac: float,
-                 min_pool: int, max_pool: int) -> np.ndarray:
-    """Boolean pool mask over the items of ONE class; items sharing a group key land on
-    the same side. About ``pool_frac`` of the items (at least ``min_pool``, at most
-    ``max_pool``) go to the pool; the rest is test."""
+def split_groups(groups: list, rng: np.random.Generator, pool_frac: float, min_pool: int,
+                 max_pool: int) -> np.ndarray:
+    """Boolean pool mask over the items of ONE class, keeping each group on one side.
+
+    Whole groups are taken in random order while they fit into the target pool size
+    (``pool_frac`` of the items, at least ``min_pool``, at most ``max_pool``); a group that
+    would overshoot is skipped unless the pool is still below ``min_pool``."""
     keys = sorted(set(groups))
-    order = rng.permutation(len(keys))
+    sizes = {k: sum(g == k for g in groups) for k in keys}
     target = min(max(int(round(pool_frac * len(groups))), min_pool), max_pool)
-    pool_keys, n = set(), 0
-    for k in order:
+    pool, n = set(), 0
+    for i in rng.permutation(len(keys)):
+        k = keys[i]
+        if n + sizes[k] <= target or n < min_pool:
+            pool.add(k)
+            n += sizes[k]
         if n >= target:
             break
-        size = sum(g == keys[k] for g in groups)
-        pool_keys.add(keys[k])
-        n += size
-    return np.array([g in pool_keys for g in groups])
+    return np.array([g in pool for g in groups])
 
 
-def split_domain(name: str, classnames: list[str], items: list[list[tuple[str, str, np.ndarray]]],
-                 seed: int, pool_frac: float = 0.4, min_pool: int = 4, max_pool: int = 60) -> Domain:
-    """``items[c]`` = (source, group key, image) of class c -> pool/test split."""
+def split_domain(name: str, classnames: list[str], items: list[list[tuple[str, np.ndarray]]],
+                 seed: int, pool_frac: float = 0.4, min_pool: int = 4, max_pool: int = 60,
+                 min_test: int = 4, group_variants: bool = True) -> Domain:
+    """``items[c]`` = (source, image) of class c -> pool/test split. With
+    ``group_variants`` near-duplicates stay on one side (see ``variant_groups``); emoji
+    are distinct symbols by definition and are split one by one."""
     rng = np.random.default_rng([SEED, seed])
     tr_x, tr_y, tr_s, te_x, te_y, te_s = [], [], [], [], [], []
     for c, cls_items in enumerate(items):
-        if len(cls_items) < min_pool + 2:
-            raise SystemExit(f"{name}/{classnames[c]}: only {len(cls_items)} images")
-        mask = split_groups([g for _, g, _ in cls_items], rng, pool_frac, min_pool, max_pool)
-        for (src, _, img), in_pool in zip(cls_items, mask):
+        groups = (variant_groups([src for src, _ in cls_items], [img for _, img in cls_items])
+                  if group_variants else list(range(len(cls_items))))
+        mask = split_groups(groups, rng, pool_frac, min_pool, max_pool)
+        if mask.sum() < min_pool or (~mask).sum() < min_test:
+            raise SystemExit(f"{name}/{classnames[c]}: {len(cls_items)} images in {len(set(groups))} groups "
+                             f"give only {mask.sum()} pool / {(~mask).sum()} test images")
+        for (src, img), in_pool in zip(cls_items, mask):
             (tr_x if in_pool else te_x).append(img)
             (tr_y if in_pool else te_y).append(c)
             (tr_s if in_pool else te_s).append(src)
@@ -407,6 +474,8 @@ def build_clipart_domain(name: str, spec: dict[str, list[str]], root: Path, seed
         cls_items = []
         for folder in folders:
             for p in clipart_files(root / folder):
+                if str(p.relative_to(root)) in CLIPART_DROP:
+                    continue
                 img = load_clipart(p)
                 if img is None:
                     continue
@@ -415,7 +484,7 @@ def build_clipart_domain(name: str, spec: dict[str, list[str]], root: Path, seed
                     continue
                 rel = str(p.relative_to(root))
                 seen[key] = f"{name}/{cls}"
-                cls_items.append((f"openclipart:{rel}", group_key(p), img))
+                cls_items.append((f"openclipart:{rel}", img))
         items.append(cls_items)
         print(f"  {name}/{cls}: {len(cls_items)} images")
     return split_domain(name, list(spec), items, seed)
@@ -436,11 +505,10 @@ def build_emoji_domain(emoji: list[Emoji], renderer: EmojiRenderer, seed: int,
             if key in seen:
                 continue
             seen[key] = f"emoji_things/{cls}"
-            # each emoji is its own group
-            cls_items.append((f"emoji:{e.group}/{e.subgroup}/{e.name}", e.name, img))
+            cls_items.append((f"emoji:{e.group}/{e.subgroup}/{e.name}", img))
         items.append(cls_items)
         print(f"  emoji_things/{cls}: {len(cls_items)} images")
-    return split_domain("emoji_things", list(EMOJI_THINGS), items, seed)
+    return split_domain("emoji_things", list(EMOJI_THINGS), items, seed, group_variants=False)
 
 
 # ---- alignment set ---------------------------------------------------------------------
@@ -523,6 +591,21 @@ def npz_bytes(**arrays) -> bytes:
     return buf.getvalue()
 
 
+def palette_encode(images: np.ndarray, colours: int = ALIGN_COLOURS) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) -> palette indices (N, H, W) and per-image palettes (N, colours, 3):
+    median-cut quantisation without dithering (mean absolute error ~1 grey level on clip
+    art and emoji), which stores 2.5x smaller than the RGB arrays. Decode with
+    ``palettes[np.arange(N)[:, None, None], indices]``."""
+    idx = np.zeros(images.shape[:3], dtype=np.uint8)
+    pal = np.zeros((len(images), colours, 3), dtype=np.uint8)
+    for i, im in enumerate(images):
+        q = Image.fromarray(im).quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+        idx[i] = np.asarray(q)
+        p = np.array(q.getpalette()[: 3 * colours], dtype=np.uint8).reshape(-1, 3)
+        pal[i, : len(p)] = p
+    return idx, pal
+
+
 def domain_bytes(d: Domain) -> bytes:
     return npz_bytes(
         train_images=gray(d.train_images), train_labels=d.train_labels,
@@ -551,18 +634,21 @@ def build_all(args) -> dict[str, bytes]:
     a_img, a_cap, a_src = build_alignment(emoji, renderer, args.clipart_dir, seen)
 
     files = {f"{d.name}.npz": domain_bytes(d) for d in domains}
-    files["align.npz"] = npz_bytes(images=a_img, captions=np.array(a_cap), sources=np.array(a_src))
+    a_idx, a_pal = palette_encode(a_img)
+    files["align.npz"] = npz_bytes(indices=a_idx, palettes=a_pal, captions=np.array(a_cap),
+                                   sources=np.array(a_src))
     manifest = {
         "description": "derived data of the xtail-mini stream; regenerate with data/build_xtail_mini.py",
         "image_size": SIZE,
         "seed": SEED,
         "domains": [
             {"name": d.name, "file": f"{d.name}.npz", "classes": d.classnames,
+             "stored_shape": list(d.test_images.shape[1:]),
              "pool": int(len(d.train_labels)), "test": int(len(d.test_labels)),
              "pool_per_class": np.bincount(d.train_labels, minlength=len(d.classnames)).tolist(),
              "test_per_class": np.bincount(d.test_labels, minlength=len(d.classnames)).tolist()}
             for d in domains],
-        "align": {"file": "align.npz", "pairs": len(a_cap),
+        "align": {"file": "align.npz", "pairs": len(a_cap), "palette_colours": ALIGN_COLOURS,
                   "emoji": sum(s.startswith("emoji:") for s in a_src),
                   "clipart": sum(s.startswith("openclipart:") for s in a_src),
                   "captions": len(set(a_cap))},

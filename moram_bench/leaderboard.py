@@ -295,14 +295,16 @@ class RunRecord:
     """One run directory as read from disk.
 
     ``status`` is ``"finished"`` (complete and consistent: it enters the tables),
-    ``"unfinished"`` (in progress or interrupted: ``completed_tasks`` of ``num_tasks``)
-    or ``"unreadable"`` (missing, corrupt or inconsistent files); ``reason`` says why a
-    run is not finished.
+    ``"unfinished"`` (in progress or interrupted: ``completed_tasks`` of ``num_tasks``),
+    ``"unreadable"`` (missing, corrupt or inconsistent files) or ``"duplicate"`` (set by
+    :func:`aggregate`: a second run with the same settings and seed); ``reason`` says why a
+    run is not in the tables.
     """
 
     path: Path
     status: str
     reason: str = ""
+    name: str = ""  # the path relative to the results folder (what the files show)
     method: Optional[str] = None
     stream: Optional[str] = None
     seed: Optional[int] = None
@@ -382,7 +384,7 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     config = src.get("config") if isinstance(src.get("config"), dict) else {}
     if met is not None and not config and state and isinstance(state.get("config"), dict):
         config = state["config"]
-    rec = RunRecord(path=path, status="unreadable", config=config)
+    rec = RunRecord(path=path, status="unreadable", name=path.as_posix(), config=config)
 
     def pick(key: str) -> Any:
         for d in (met, state):
@@ -491,7 +493,12 @@ def _run_dirs(root: Path) -> list[Path]:
 def collect_runs(root: str | os.PathLike) -> list[RunRecord]:
     """Every run directory below ``root`` (sorted by path), read with :func:`read_run`."""
     root = Path(root)
-    return [read_run(d) for d in _run_dirs(root)]
+    records = []
+    for d in _run_dirs(root):
+        rec = read_run(d)
+        rec.name = d.relative_to(root).as_posix() if d != root else "."
+        records.append(rec)
+    return records
 
 
 # ------------------------------------------------------------------------- aggregation
@@ -615,7 +622,7 @@ def aggregate(runs: Sequence[RunRecord], references: bool = True) -> Leaderboard
         dup = next((g for g in group if g.seed == run.seed), None)
         if dup is not None:
             run.status = "duplicate"
-            run.reason = f"duplicate of {dup.path} (same settings and seed {run.seed}); not averaged twice"
+            run.reason = f"duplicate of {dup.name} (same settings and seed {run.seed}); not averaged twice"
             problems.append(run)
             continue
         group.append(run)
@@ -769,7 +776,7 @@ def render_markdown(lb: Leaderboard, heading_level: int = 1, source: str = "resu
                   "| Run directory | Method | Stream | Seed | Progress | Status | Reason |",
                   "| :--- | :--- | :--- | ---: | :--- | :--- | :--- |"]
         for p in lb.problems:
-            lines.append(f"| `{_md_escape(p.path)}` | {_md_escape(p.method or '?')} | {_md_escape(p.stream or '?')} | "
+            lines.append(f"| `{_md_escape(p.name)}` | {_md_escape(p.method or '?')} | {_md_escape(p.stream or '?')} | "
                          f"{'?' if p.seed is None else p.seed} | {p.progress} | {p.status} | {_md_escape(p.reason)} |")
         lines.append("")
     return "\n".join(lines)
@@ -806,7 +813,7 @@ def render_csv(lb: Leaderboard) -> str:
                        missing_seeds=";".join(str(s) for s in row.missing_seeds),
                        num_tasks=len(table.task_names), completed_tasks=len(table.task_names),
                        best=";".join(s.key for s in table.metrics if s.key in row.best),
-                       runs=";".join(str(r.path) for r in row.runs),
+                       runs=";".join(r.name for r in row.runs),
                        note=("reference: trains nothing" if row.reference else "")
                        + (f"; {len(row.unfinished)} unfinished run(s)" if row.unfinished else ""))
             for spec in table.metrics:
@@ -828,7 +835,7 @@ def render_csv(lb: Leaderboard) -> str:
                     "seeds": "" if p.seed is None else str(p.seed),
                     "completed_tasks": "" if p.completed_tasks is None else p.completed_tasks,
                     "num_tasks": "" if p.num_tasks is None else p.num_tasks,
-                    "runs": str(p.path), "note": p.reason})
+                    "runs": p.name, "note": p.reason})
     return buf.getvalue()
 
 
@@ -840,6 +847,11 @@ _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "
 def tex_escape(s: Any) -> str:
     """Escape LaTeX's special characters in plain text."""
     return "".join(_TEX_SPECIAL.get(c, c) for c in str(s))
+
+
+def _tex_num(v: float) -> str:
+    text = _num(v)
+    return "$-$" + text[1:] if text.startswith("-") else text
 
 
 def render_latex(lb: Leaderboard) -> str:
@@ -854,7 +866,7 @@ def render_latex(lb: Leaderboard) -> str:
         header = ["Method"] + (["Settings"] if settings_col else []) + ["Seeds"]
         header += [s.label for s in table.metrics] + [COST_LABELS[k] for k in COST_KEYS]
         out += ["\\begin{table}[t]", "\\centering", "\\small",
-                f"\\caption{{{tex_escape(table.title)}: {tex_escape(table.describe())}.}}",
+                f"\\caption{{{tex_escape(table.title)}: {tex_escape(table.describe().rstrip('.'))}.}}",
                 "\\begin{tabular}{l" + ("l" if settings_col else "") + "r" + "r" * (ncols - 2 - int(settings_col)) + "}",
                 "\\toprule",
                 " & ".join(tex_escape(c) for c in header) + " \\\\",
@@ -868,7 +880,8 @@ def render_latex(lb: Leaderboard) -> str:
                 if m is None:
                     cells.append("--")
                     continue
-                mean = f"\\textbf{{{_num(m)}}}" if spec.key in row.best else _num(m)
+                mean = _tex_num(m)
+                mean = f"\\textbf{{{mean}}}" if spec.key in row.best else mean
                 cells.append(f"{mean} $\\pm$ {'--' if s is None else _num(s)}")
             cells += [tex_escape(_cost_cell(k, row.costs.get(k))) for k in COST_KEYS]
             out.append(" & ".join(cells) + " \\\\")
@@ -880,7 +893,7 @@ def render_latex(lb: Leaderboard) -> str:
                            + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()))
         out.append("")
     for p in lb.problems:
-        out.append(f"% not in the tables: {p.path} ({p.method}, {p.stream}, seed {p.seed}): "
+        out.append(f"% not in the tables: {p.name} ({p.method}, {p.stream}, seed {p.seed}): "
                    f"{p.status}, {p.progress}, {p.reason}".replace("\n", " "))
     return "\n".join(out).rstrip("\n") + "\n"
 
@@ -951,6 +964,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"leaderboard: {len(lb.tables)} table(s), {n_rows} row(s) from {n_runs} finished run(s)"
           + (f"; {len(lb.problems)} run(s) not in the tables (unfinished or unreadable, listed)" if lb.problems else ""))
     for p in lb.problems:
-        print(f"  not in the tables: {p.path}: {p.status}, {p.progress}: {p.reason}")
+        print(f"  not in the tables: {p.name}: {p.status}, {p.progress}: {p.reason}")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

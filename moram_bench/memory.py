@@ -112,16 +112,20 @@ def _gather_dot_chunked(g: torch.Tensor, table: torch.Tensor, idx: torch.Tensor,
     return out
 
 
-def _bag(idx: torch.Tensor, coef: torch.Tensor, table: torch.Tensor, dense: bool) -> torch.Tensor:
-    """``out[t] = sum_j coef[t, j] * table[idx[t, j]]`` (``idx`` has distinct entries per row).
+def _bag(idx: torch.Tensor, coef: torch.Tensor, table: torch.Tensor, dense: bool,
+         acc: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[t] = acc[t] + sum_j coef[t, j] * table[idx[t, j]]`` (``acc`` optional; ``idx``
+    has distinct entries per row). Returns a new tensor.
 
     Sparse: ``F.embedding_bag`` (no ``(T, k, d)`` tensor). Dense: scatter the coefficients
-    into a ``(T, M)`` matrix and use one matmul, faster when ``M`` is only a few times ``k``.
+    into a ``(T, M)`` matrix and use one matmul (``addmm`` when accumulating), faster when
+    ``M`` is only a few times ``k``.
     """
     if dense:
         full = coef.new_zeros(idx.shape[0], table.shape[0]).scatter_(1, idx, coef)
-        return torch.mm(full, table)
-    return F.embedding_bag(idx, table, per_sample_weights=coef, mode="sum")
+        return torch.mm(full, table) if acc is None else torch.addmm(acc, full, table)
+    out = F.embedding_bag(idx, table, per_sample_weights=coef, mode="sum")
+    return out if acc is None else out.add_(acc)
 
 
 def _dot(g: torch.Tensor, table: torch.Tensor, idx: torch.Tensor, dense: bool) -> torch.Tensor:
@@ -154,16 +158,17 @@ def _route(p: torch.Tensor, k: int, tau: float, gate_delta: float | None, eps: f
 
 
 class _MemoryRead(torch.autograd.Function):
-    """Differentiable memory read ``delta = sum_j w_j p_j V[idx_j]`` (see module docstring).
+    """Differentiable memory read ``y = y0 + sum_j w_j p_j V[idx_j]`` (see module docstring).
 
-    Inputs: ``x (T, d_in)`` (already dropped-out, store dtype), the current atoms' ``keys``
-    ``(r, d_in)`` and ``values`` ``(d_out, r)`` parameters (or ``None``), and ``mem``, the
-    owning ``RankOneMemory`` (read-only here: stores, sizes, hyper-parameters). The current
-    atoms must already be mirrored into the store tails. Returns ``delta (T, d_out)``.
+    Inputs: ``x (T, d_in)`` (already dropped-out) and ``y0 (T, d_out)``, both in the store
+    dtype, the current atoms' ``keys`` ``(r, d_in)`` and ``values`` ``(d_out, r)``
+    parameters (or ``None``), ``mem``, the owning ``RankOneMemory`` (read-only here: stores,
+    sizes, hyper-parameters; the current atoms must already be mirrored into the store
+    tails) and the gate threshold (``None``: no gate). Returns ``y (T, d_out)``.
     """
 
     @staticmethod
-    def forward(ctx, x, keys, values, mem: "RankOneMemory", gate_delta):
+    def forward(ctx, x, y0, keys, values, mem: "RankOneMemory", gate_delta):
         n_atoms, n_frozen = mem.n_atoms, mem.n_frozen
         key_store = mem._key_store[:n_atoms]
         val_store = mem._val_store[:n_atoms]
@@ -172,7 +177,7 @@ class _MemoryRead(torch.autograd.Function):
         p = torch.mm(x, key_store.t())
         idx, pv, n, norm, zs, u, gate, w = _route(p, k, mem.tau, gate_delta, mem.eps)
         coef = w * pv
-        delta = _bag(idx, coef, val_store, dense)
+        y = _bag(idx, coef, val_store, dense, acc=y0)
         mem._record(idx, w, gate)
 
         use_gram = mem._gram is not None     # cached while n_frozen > d_in
@@ -187,19 +192,25 @@ class _MemoryRead(torch.autograd.Function):
         ctx.gram = mem._gram if use_gram else None
         ctx.use_gram, ctx.dense, ctx.n_frozen = use_gram, dense, n_frozen
         ctx.tau, ctx.scale, ctx.eps, ctx.has_gate = mem.tau, mem.scale, mem.eps, gate is not None
-        return delta
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        # The backward may run inside an autocast region (backward() called under it).
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            return _MemoryRead._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         x, keys, values, idx, pv, n, norm, zs, u, w, coef, p_keep, gate = ctx.saved_tensors
         key_store, val_store, n_frozen = ctx.key_store, ctx.val_store, ctx.n_frozen
         dense, tau = ctx.dense, ctx.tau
-        need_x, need_keys, need_values = ctx.needs_input_grad[:3]
+        need_x, need_y0, need_keys, need_values = ctx.needs_input_grad[:4]
         g = g.contiguous()
         grad_x = grad_keys = grad_values = None
 
-        # delta = sum_j coef_j V[idx_j],  coef = w * pv
+        # y = y0 + sum_j coef_j V[idx_j],  coef = w * pv
         dcoef = _dot(g, val_store, idx, dense)
         dpv = dcoef * w
         du = dcoef * pv
@@ -241,7 +252,7 @@ class _MemoryRead(torch.autograd.Function):
             m_cur = torch.zeros_like(p_cur)
             m_cur.scatter_add_(1, idx_cur, torch.where(is_cur, coef, torch.zeros_like(coef)))
             grad_values = torch.mm(g.t(), m_cur).mul_(ctx.scale)
-        return grad_x, grad_keys, grad_values, None, None
+        return grad_x, (g if need_y0 else None), grad_keys, grad_values, None, None
 
 
 # ------------------------------------------------------------------------------ module
@@ -268,7 +279,7 @@ class RankOneMemory(nn.Module):
     #: Value products are dense (one matmul over all N atoms) when N <= this times k, and
     #: gather only the k selected rows otherwise (see ``_bag``). Tuned on CPU; a speed knob,
     #: results are the same either way.
-    dense_max_ratio: float = 4.0
+    dense_max_ratio: float = 3.0
 
     def __init__(self, d_in: int, d_out: int, topk: int = 16, tau: float = 0.01,
                  delta: float = 0.2, dropout: float = 0.0, scale: float = 1.0,
@@ -375,7 +386,7 @@ class RankOneMemory(nn.Module):
             return
         lo, hi = self._n_frozen, self.n_atoms
         self._key_store[lo:hi].copy_(self.keys)
-        self._val_store[lo:hi].copy_(self.values.t()).mul_(self.scale)
+        torch.mul(self.values.t(), self.scale, out=self._val_store[lo:hi])
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -458,13 +469,13 @@ class RankOneMemory(nn.Module):
         x2 = self.dropout(x).reshape(-1, self.d_in)
         return x2.to(self._key_store.dtype)
 
+    def _frozen_output(self, y0: torch.Tensor) -> torch.Tensor:
+        return y0.reshape(-1, self.d_out).to(self._key_store.dtype)
+
     @staticmethod
-    def _combine(y0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """``y0 + delta`` in ``y0``'s shape and dtype (added in the wider dtype)."""
-        delta = delta.view(y0.shape)
-        if delta.dtype == y0.dtype:
-            return delta.add_(y0)      # delta is a fresh tensor: reuse it for the output
-        return (delta + y0).to(y0.dtype)
+    def _output(y: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
+        """The 2-D result ``y`` in ``y0``'s shape and dtype."""
+        return y.to(y0.dtype).view(y0.shape)
 
     def forward(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         """Adapted output ``y0 + sum_i w_i p_i s_i b_i`` (see module docstring)."""
@@ -473,18 +484,20 @@ class RankOneMemory(nn.Module):
         self._sync_current()
         gate_delta = self._gate_delta()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x2 = self._inputs(x)
+            x2, y02 = self._inputs(x), self._frozen_output(y0)
             needs_grad = torch.is_grad_enabled() and (
-                x2.requires_grad or (self.keys is not None and
-                                     (self.keys.requires_grad or self.values.requires_grad)))
+                x2.requires_grad or y02.requires_grad or (
+                    self.keys is not None and
+                    (self.keys.requires_grad or self.values.requires_grad)))
             if needs_grad:
-                delta = _MemoryRead.apply(x2, self.keys, self.values, self, gate_delta)
+                y = _MemoryRead.apply(x2, y02, self.keys, self.values, self, gate_delta)
             else:
-                delta = self._read_no_grad(x2, gate_delta)
-        return self._combine(y0, delta)
+                y = self._read_no_grad(x2, y02, gate_delta)
+        return self._output(y, y0)
 
     @torch.no_grad()
-    def _read_no_grad(self, x2: torch.Tensor, gate_delta: float | None) -> torch.Tensor:
+    def _read_no_grad(self, x2: torch.Tensor, y02: torch.Tensor,
+                      gate_delta: float | None) -> torch.Tensor:
         """Memory read without autograd bookkeeping (evaluation, ``no_grad``)."""
         n = self.n_atoms
         p = torch.mm(x2, self._key_store[:n].t())
@@ -492,7 +505,7 @@ class RankOneMemory(nn.Module):
         idx, pv, _, _, _, _, gate, w = _route(p, k, self.tau, gate_delta, self.eps)
         self._record(idx, w, gate)
         coef = pv.mul_(w)
-        return _bag(idx, coef, self._val_store[:n], self._dense(k))
+        return _bag(idx, coef, self._val_store[:n], self._dense(k), acc=y02)
 
     def reference_forward(self, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
         """The straightforward formula, for tests and benchmarks: concatenates the whole
@@ -519,8 +532,8 @@ class RankOneMemory(nn.Module):
             gate_delta = self._gate_delta()
             if gate_delta is not None:
                 w = w * (z >= gate_delta)
-            delta = (w * p) @ b.t()
-        return self._combine(y0, delta)
+            y = self._frozen_output(y0) + (w * p) @ b.t()
+        return self._output(y, y0)
 
     # ------------------------------------------------------------------------ state dict
 

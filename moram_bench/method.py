@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .adapters.inject import inject_adapters
+from .adapters.inject import adapted_modules, inject_adapters
 from .config import ConfigError
 from .streams.base import Stream
 
@@ -59,12 +59,23 @@ class ContinualModule(pl.LightningModule):
         for p in self.backbone.parameters():
             p.requires_grad_(False)
         self.current_task = -1
+        self.stream_data = None  # attached by the runner (data-dependent set-up, e.g. InfLoRA)
         self.task_steps = 0  # set by the runner: max_steps of the current task's Trainer
         self.validate_config(self.hp)
         from .protocols import make_protocol
 
         self.protocol = make_protocol(self)
         self.setup_adapters()
+        self.train()
+
+    def train(self, mode: bool = True):
+        """The frozen backbone always runs in eval mode (no dropout, frozen normalisation
+        statistics); only the method's own parts (adapters, prompts...) follow ``mode``."""
+        super().train(mode)
+        self.backbone.eval()
+        for wrapped in adapted_modules(self.backbone).values():
+            wrapped.adapter.train(mode)
+        return self
 
     # ---- hooks for methods -----------------------------------------------------------
     @classmethod
@@ -92,6 +103,34 @@ class ContinualModule(pl.LightningModule):
         return {}
 
     # ---- shared helpers -----------------------------------------------------------------
+    def task_batches(self, task: int, batch_size: int = 64):
+        """This rank's shard of ``task``'s training set, unshuffled, moved to the device:
+        for data-dependent set-up in begin_task/end_task (e.g. input covariances). Sums
+        computed over it must be all-reduced across ranks (``all_reduce_sum``)."""
+        import torch.distributed as dist
+        from torch.utils.data import DataLoader
+
+        from .data import UnrepeatedSampler
+
+        dm = self.stream_data
+        if dm is None:
+            raise RuntimeError("the runner attaches the DataModule before begin_task; none is attached")
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        ds = dm.dataset("train", task)
+        loader = DataLoader(ds, batch_size=batch_size, sampler=UnrepeatedSampler(len(ds), rank, world),
+                            collate_fn=dm.collate_fn)
+        for batch in loader:
+            yield {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    @staticmethod
+    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over DDP ranks in place (no-op in a single process)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -160,6 +199,7 @@ class ContinualModule(pl.LightningModule):
 
     def log_train(self, name: str, value: torch.Tensor, **kw) -> None:
         """Log with the task in the key so curves of successive tasks never overwrite."""
+        kw.setdefault("sync_dist", True)  # the logged value is the global-batch value under DDP
         self.log(f"train/task{self.current_task + 1}/{name}", value, **kw)
 
     # ---- training and evaluation: delegated to the modality's protocol --------------------

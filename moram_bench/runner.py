@@ -274,6 +274,7 @@ def run(cfg: DictConfig) -> Path | None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*infer the `batch_size`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*in eval mode at the start of training.*")
 
     seed_everything(int(cfg.seed), verbose=False)
     try:
@@ -293,6 +294,7 @@ def run(cfg: DictConfig) -> Path | None:
         backbone_id = f"{cfg.backbone.name}:{OmegaConf.to_container(cfg.backbone, resolve=True)}:{backbone.info.get('weights_id', '')}"
         dm.cache_features(backbone.image_trunk, backbone_id, cache_dir(cfg), log=say)
 
+    module.stream_data = dm  # for data-dependent set-up in begin_task (e.g. InfLoRA)
     run_state = Run(cfg, out, stream)
     start_task = 0
     if resume:

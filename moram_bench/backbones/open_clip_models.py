@@ -179,7 +179,8 @@ def build_tiny_clip(cfg) -> ClipBackbone:
     vision_width = int(b("vision_width", 64))
     vision_heads = int(b("vision_heads", 2))
     if vision_width % vision_heads:
-        raise ValueError(f"backbone tiny-clip: vision_width {vision_width} is not divisible by vision_heads {vision_heads}")
+        raise ValueError(f"backbone tiny-clip: vision_width {vision_width} is not divisible "
+                         f"by vision_heads {vision_heads}")
     context_length = int(b("context_length", 16))
     tokenizer = SimpleTokenizer(context_length=context_length)
     vision_cfg = CLIPVisionCfg(
@@ -258,7 +259,9 @@ def _load_torchscript_weights(model: nn.Module, path: str) -> None:
     refuses TorchScript; ``torch.jit.load`` unpickles no arbitrary Python objects)."""
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
-    state_dict = torch.jit.load(path, map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but these files need it
+        warnings.simplefilter("ignore", FutureWarning)
+        state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     # OpenAI archives carry three scalar entries; scripted open_clip models carry their
     # non-persistent buffers (the causal attn_mask), which the model rebuilds itself
     non_persistent = {n for n, _ in model.named_buffers()} - set(model.state_dict())
@@ -342,7 +345,7 @@ def _build_open_clip(cfg, default_arch: str | None, name: str) -> ClipBackbone:
     if torchscript:
         _load_torchscript_weights(model, path)
     tokenizer = open_clip.get_tokenizer(model_name, context_length=b("context_length"))
-    info = {"arch": arch, "pretrained": pretrained, "weights": path, "weights_kind": kind,
+    info = {"arch": model_name, "pretrained": pretrained, "weights": path, "weights_kind": kind,
             "quick_gelu": bool(quick_gelu), "embed_dim": getattr(model.visual, "output_dim", None),
             "context_length": getattr(tokenizer, "context_length", None)}
     return _wrap(model, tokenizer, preprocess, name, cfg, info, strict_placement=False)

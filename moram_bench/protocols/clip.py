@@ -12,6 +12,27 @@ import torch
 import torch.nn.functional as F
 
 
+def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """All-gather rows from every DDP rank, keeping the autograd path to each rank's own
+    rows (ranks may hold different numbers of rows). Returns (all rows, this rank's first
+    row index, world size); a no-op outside DDP."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0, 1
+    import torch.distributed.nn.functional as dist_nn
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = max(sizes) - x.shape[0]
+    padded = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+    parts = dist_nn.all_gather(padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)]), sum(sizes[:rank]), world
+
+
 class ClipProtocol:
     def __init__(self, module):
         # a plain reference (not a submodule): the protocol owns no parameters
@@ -48,18 +69,28 @@ class ClipProtocol:
 
     # ---- training ---------------------------------------------------------------------
     def loss(self, batch: dict, task: int) -> tuple[torch.Tensor, dict]:
-        """The official loss builds logits over all seen classes with earlier classes
-        masked to -inf: exactly the softmax over the current task's classes used here.
-        Text side: row i is the prompt of sample i's class scored against every image of
-        the batch, target i."""
+        """Mean over the GLOBAL batch of (image->text CE + text->image CE).
+
+        Image side: the official loss builds logits over all seen classes with earlier
+        classes masked to -inf: exactly the softmax over the current task's classes used
+        here. Text side: row i is the prompt of sample i's class scored against every
+        image of the global batch, target i. Under DDP the image embeddings are gathered
+        with autograd and each rank returns ``world * (its rows' sum) / global_batch``;
+        DDP's gradient averaging then yields exactly the single-process gradient.
+        """
         t = self.stream.tasks[task]
         img = self.encode_images(batch)
         local = batch["label"] - t.label_offset
         text = self.encode_prompts(t.prompts())  # with grad: the text tower adapts
-        logits = self.logit_scale() * img @ text.t()  # (B, C_t)
-        loss_img = F.cross_entropy(logits, local)
-        loss_txt = F.cross_entropy(logits[:, local].t(), torch.arange(len(local), device=logits.device))
-        return loss_img + loss_txt, {"image_emb": img, "text_emb": text, "logits": logits}
+        scale = self.logit_scale()
+        logits = scale * img @ text.t()  # (B_local, C_t)
+        all_img, offset, world = gather_with_grad(img)
+        ce_img = F.cross_entropy(logits, local, reduction="sum")
+        txt_logits = scale * text[local] @ all_img.t()  # (B_local, B_global)
+        targets = torch.arange(len(local), device=img.device) + offset
+        ce_txt = F.cross_entropy(txt_logits, targets, reduction="sum")
+        loss = world * (ce_img + ce_txt) / all_img.shape[0]
+        return loss, {"image_emb": img, "text_emb": text, "logits": logits}
 
     # ---- evaluation (task-agnostic) ---------------------------------------------------
     @torch.no_grad()

@@ -166,7 +166,7 @@ def load_domain(domain: str, data_dir: os.PathLike | str | None) -> DomainData:
     data = spec.loader(domain, root)
     expected = C.NUM_CLASSES.get(domain)
     if expected is not None and len(data.classnames) != expected:
-        data.notes.append(f"{len(data.classnames)} classes (the full dataset has {expected})")
+        data.notes.append(f"the full dataset has {expected} classes")
     return data
 
 
@@ -201,6 +201,8 @@ def read_zhou_split(domain: str, split_path: Path, rename: dict[str, str] | None
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataMalformed(domain, split_path, f"not valid JSON ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise DataMalformed(domain, split_path, f"cannot be read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise DataMalformed(domain, split_path, 'expected an object {"train": [...], "val": [...], "test": [...]}')
     for key in ("train", "test"):
@@ -343,6 +345,8 @@ def _read_lines(domain: str, path: Path) -> list[str]:
         return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise DataMalformed(domain, path, f"not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise DataMalformed(domain, path, f"cannot be read ({e.strerror or e})") from None
 
 
 # ---- MNIST (torchvision layout: MNIST/raw/ IDX files, gzipped or not) ------------------------
@@ -396,7 +400,7 @@ class IdxImageSet(ImageSet):
         return self._array
 
     def image(self, i: int) -> Image.Image:
-        return Image.fromarray(np.array(self.array()[i]), mode="L")
+        return Image.fromarray(np.array(self.array()[i], dtype=np.uint8))  # 2-D uint8: mode "L"
 
     def __getstate__(self):  # DataLoader workers re-read the file instead of pickling pixels
         state = dict(self.__dict__)

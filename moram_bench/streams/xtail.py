@@ -37,17 +37,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 }
 
 
-def _get(scfg, key: str, default=None):
-    try:
-        value = scfg.get(key, default)
-    except AttributeError:
-        value = getattr(scfg, key, default)
-    return default if value is None else value
-
-
 def stream_domains(cfg, name: str) -> list[str]:
     """The domains of stream ``name`` in order: ``cfg.stream.domains`` or the official list."""
-    chosen = cfg.stream.get("domains") if hasattr(cfg.stream, "get") else None
+    chosen = cfg.stream.get("domains")
     if chosen is None:
         return list(PROTOCOLS[name]["domains"])
     if isinstance(chosen, str):
@@ -65,7 +57,7 @@ def stream_domains(cfg, name: str) -> list[str]:
 
 
 def _positive_or_none(scfg, key: str) -> int | None:
-    value = _get(scfg, key)
+    value = scfg.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -88,8 +80,8 @@ def build_clip_stream(cfg, name: str) -> Stream:
     scfg = cfg.stream
     domains = stream_domains(cfg, name)
     shots = _positive_or_none(scfg, "shots")
-    shot_seed = _get(scfg, "shot_seed", 1)
-    if isinstance(shot_seed, bool) or not isinstance(shot_seed, int):
+    shot_seed = scfg.get("shot_seed", 1)
+    if isinstance(shot_seed, bool) or not isinstance(shot_seed, int):  # null too: never the run seed
         raise StreamError(f"stream.shot_seed must be an integer, got {shot_seed!r}")
     max_test = _positive_or_none(scfg, "max_test_per_domain")
     data_dir = cfg.get("data_dir")

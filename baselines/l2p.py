@@ -1,0 +1,237 @@
+"""l2p: Learning to Prompt (Wang et al., CVPR 2022) on a frozen CLIP.
+
+A pool of ``pool_size`` prompts (``prompt_length`` tokens each) with learnable keys, both
+U(-1, 1) (moram_bench/adapters/prompts.py). For every image, the query is the frozen,
+UN-prompted backbone's own pooled image feature; the ``top_n`` keys with the highest cosine
+are selected PER SAMPLE and their prompts are prepended; the loss is the CLIP task loss
+minus ``pull_lambda`` times the mean cosine of the selected keys (the pull constraint,
+which trains the keys). Only prompts and keys train; class scores come from the text
+tower (no linear head), all classes of the label space at test time: no task id. Prompts
+apply from the first task on, so row 0 of the accuracy matrix is the plain backbone (an
+untrained pool of U(-1, 1) prompts is no zero-shot model).
+
+Placement (``placement: auto``), the most faithful one the backbone allows:
+
+- ``image`` (open_clip ViT image tower, e.g. tiny-clip): as in the paper, the prompts are
+  prepended to the vision transformer's input after [CLS] (no positional embedding for the
+  prompts); the query is the frozen tower's image feature (pooled [CLS], projected).
+  Cost: one extra un-prompted image forward per batch (the query), as in L2P.
+- ``text`` (the image tower is not a transformer, e.g. mini-clip's EfficientNet): the
+  prompts go on the TEXT tower, selected by image-feature keys (query: the pooled CNN trunk
+  feature, i.e. the cached features): each image's selected prompts are inserted after
+  [CLS] in every class prompt's input embeddings, so each image is scored against its own
+  prompted class embeddings (logit[b, c] = img_b . text(prompts(b), class c)). The image
+  embedding stays frozen. Naively this is B x C text forwards per batch; images that
+  select the same prompt SET share one pass (prompts are concatenated in pool-index order,
+  see prompts.py), so the cost is U x C with U the number of distinct sets in the batch
+  (U <= B; typically a handful), with C the current task's classes in training and the
+  whole label space at test time (in chunks of ``text_chunk`` sequences). This grouping is
+  exact: nothing is shared across images that selected different prompts. A batch-level
+  union of prompts is NOT used (it would leak across samples).
+
+Switches (conf/method/l2p.yaml):
+- ``batch_voting`` (default false): the official code gives the whole batch the ``top_n``
+  prompts chosen most often in the batch, at test time too; that leaks task identity when a
+  test batch holds one task. Recorded in metrics.json (method_settings).
+- ``pull_sum_over_selected`` (default false): the paper's "mean selected cosine"; true sums
+  over the ``top_n`` selected keys (averaged over the batch) as the official code does,
+  a ``top_n`` times stronger pull.
+
+Optimiser: L2P's own (Adam, constant lr 0.03 * batch / 256, grad clip 1.0): its U(-1, 1)
+prompts and keys barely move at the shared 5e-4. The default ``lr`` 0.00375 is that rule
+for the embedded stream's batch 32; rescale it for other batch sizes. Iterations and batch
+are the stream's (5 epochs in the paper).
+
+Text (LLM) streams: not supported yet (the prompts would be prepended to the LLM's input
+embeddings; the text protocol has no hook for that), so ``modalities`` is image only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moram_bench.adapters.prompts import (PromptPool, Selection, VisionPromptHook, encode_hf_text_with_prompts,
+                                          is_hf_text_tower, is_vision_transformer, unique_selections)
+from moram_bench.config import ConfigError
+from moram_bench.method import ContinualModule
+from moram_bench.protocols.clip import ClipProtocol
+from moram_bench.registry import register_method
+
+PLACEMENTS = ("auto", "image", "text")
+
+
+class PromptedClipProtocol(ClipProtocol):
+    """The CLIP protocol with per-sample prompts selected by the method's pool.
+
+    Training loss and scores are the ``ClipProtocol``'s (image->text plus text-side
+    cross-entropy over the task's classes; argmax over the label space), computed with
+    prompted embeddings; ``outputs["prompt_sim"]`` carries the selected keys' cosines for
+    the pull term.
+    """
+
+    def __init__(self, module: "L2P"):
+        super().__init__(module)
+        self._eval_tokens: torch.Tensor | None = None
+
+    # ---- image placement: the hook prompts the image tower --------------------------
+    def _with_image_prompts(self, sel: Selection, fn):
+        with self.m.vision_hook.prompts(self.m.pool.tokens(sel.idx)):
+            return fn()
+
+    # ---- text placement: per-selection class embeddings -------------------------------
+    def prompted_text(self, sel_idx: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised class embeddings ``(U, C, e)`` for the ``U`` distinct prompt sets in
+        ``sel_idx`` and the set of each sample ``(B,)``; ``tokens`` (C, L) are the classes."""
+        uniq, inv = unique_selections(sel_idx)
+        u, c = len(uniq), len(tokens)
+        prompts = self.m.pool.tokens(uniq)                       # (U, P, hidden)
+        text = self.backbone.model.text
+        chunk = max(1, int(self.m.hp.text_chunk))
+        rows = torch.arange(u * c, device=tokens.device)
+        out = []
+        for s in range(0, u * c, chunk):
+            r = rows[s:s + chunk]
+            out.append(encode_hf_text_with_prompts(text, tokens[r % c], prompts[r // c]))
+        return F.normalize(torch.cat(out), dim=-1).view(u, c, -1), inv
+
+    def _text_logits(self, batch: dict, sel: Selection, tokens: torch.Tensor) -> torch.Tensor:
+        img = self.encode_images(batch)                           # frozen image embedding
+        text, inv = self.prompted_text(sel.idx, tokens)
+        return torch.einsum("be,bce->bc", img, text[inv]), img
+
+    # ---- protocol ---------------------------------------------------------------------------
+    def loss(self, batch: dict, task: int):
+        if not self.m.prompting:  # before the first task: the plain frozen CLIP
+            loss, out = super().loss(batch, task)
+            return loss, {**out, "prompt_sim": None}
+        sel = self.m.select(batch)
+        if self.m.placement == "image":
+            loss, out = self._with_image_prompts(sel, lambda: ClipProtocol.loss(self, batch, task))
+        else:
+            t = self.stream.tasks[task]
+            local = batch["label"] - t.label_offset
+            tokens = self.backbone.tokenize(t.prompts()).to(self.m.device)
+            cos, img = self._text_logits(batch, sel, tokens)
+            logits = self.logit_scale() * cos                     # (B, C_t)
+            loss = F.cross_entropy(logits, local)
+            loss = loss + F.cross_entropy(logits[:, local].t(), torch.arange(len(local), device=logits.device))
+            out = {"image_emb": img, "logits": logits}
+        out["prompt_sim"] = sel.sim
+        return loss, out
+
+    @torch.no_grad()
+    def on_eval_start(self) -> None:
+        if self.m.placement == "image" or not self.m.prompting:
+            super().on_eval_start()  # class embeddings are un-prompted and frozen
+        else:
+            self._eval_tokens = self.backbone.tokenize(self.stream.all_prompts()).to(self.m.device)
+
+    def logits(self, batch: dict, task: int) -> torch.Tensor:
+        if not self.m.prompting:
+            return super().logits(batch, task)
+        sel = self.m.select(batch)
+        if self.m.placement == "image":
+            return self._with_image_prompts(sel, lambda: ClipProtocol.logits(self, batch, task))
+        return self._text_logits(batch, sel, self._eval_tokens[self.stream.class_slice(task)])[0]
+
+    def on_eval_end(self) -> None:
+        super().on_eval_end()
+        self._eval_tokens = None
+
+
+@register_method("l2p")
+class L2P(ContinualModule):
+    """L2P: a prompt pool with learnable keys; each image picks its top-N prompts by its frozen feature."""
+
+    modalities = ("image",)
+
+    @classmethod
+    def validate_config(cls, h) -> None:
+        if int(h.pool_size) < 1 or int(h.prompt_length) < 1:
+            raise ConfigError(f"method.pool_size and method.prompt_length must be >= 1 "
+                              f"(got {h.pool_size}, {h.prompt_length})")
+        if not 1 <= int(h.top_n) <= int(h.pool_size):
+            raise ConfigError(f"method.top_n must be in 1..pool_size={h.pool_size} (got {h.top_n})")
+        if str(h.placement) not in PLACEMENTS:
+            raise ConfigError(f"method.placement={h.placement!r} is not one of {', '.join(PLACEMENTS)}")
+        if float(h.pull_lambda) < 0:
+            raise ConfigError(f"method.pull_lambda must be >= 0 (got {h.pull_lambda})")
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _choose_placement(self) -> str:
+        model = self.backbone.model
+        vit = is_vision_transformer(getattr(model, "visual", None))
+        hf_text = is_hf_text_tower(getattr(model, "text", None))
+        want = str(self.hp.placement)
+        if want == "image" or (want == "auto" and vit):
+            if not vit:
+                raise ConfigError(f"l2p: placement=image needs an open_clip ViT image tower; backbone "
+                                  f"{self.backbone.name!r} has {type(model.visual).__name__} (use placement=text)")
+            return "image"
+        if not hf_text:
+            raise ConfigError(f"l2p: backbone {self.backbone.name!r} has neither a ViT image tower nor a Hugging Face "
+                              "text tower to prepend prompts to")
+        return "text"
+
+    def setup_adapters(self) -> None:
+        h = self.hp
+        self.placement = self._choose_placement()
+        model = self.backbone.model
+        if self.placement == "image":
+            self.vision_hook = VisionPromptHook(model.visual)
+            dim = self.vision_hook.width
+        else:
+            self.vision_hook = None
+            dim = model.text.transformer.get_input_embeddings().embedding_dim
+        key_dim = self._query_dim()
+        self.pool = PromptPool(int(h.pool_size), int(h.prompt_length), dim, key_dim)
+        self.protocol = PromptedClipProtocol(self)
+        # Prompts apply from the first task on: row 0 of the matrix is the plain backbone.
+        self.prompting = False
+
+    def begin_task(self, task: int, restoring: bool = False) -> None:
+        super().begin_task(task, restoring)
+        self.prompting = True
+
+    @torch.no_grad()
+    def _query_dim(self) -> int:
+        size = int(self.backbone.info.get("image_size") or 224)
+        was = self.backbone.training
+        self.backbone.eval()
+        try:
+            q = self._frozen_query(torch.zeros(1, 3, size, size), is_feature=False)
+        finally:
+            self.backbone.train(was)
+        return int(q.shape[-1])
+
+    # ---- selection --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _frozen_query(self, x: torch.Tensor, is_feature: bool) -> torch.Tensor:
+        """The frozen, un-prompted backbone's pooled image feature: the trunk's pooled
+        features where the tower has a (cacheable) trunk, else the whole tower's output."""
+        bb = self.backbone
+        if is_feature:
+            return x
+        if bb._trunk is not None:
+            return bb.image_trunk(x)
+        return bb.encode_image(x)  # the hook is inactive outside ``prompts()``
+
+    def query(self, batch: dict) -> torch.Tensor:
+        return self._frozen_query(batch["x"], bool(batch.get("is_feature", False))).float()
+
+    def select(self, batch: dict) -> Selection:
+        return self.pool.select(self.query(batch), int(self.hp.top_n), batch_voting=bool(self.hp.batch_voting))
+
+    # ---- loss ----------------------------------------------------------------------------------
+    def extra_loss(self, batch: dict, outputs: dict) -> torch.Tensor | None:
+        sim = outputs["prompt_sim"]
+        if sim is None:
+            return None
+        pull = sim.sum(1).mean() if self.hp.pull_sum_over_selected else sim.mean()
+        return -float(self.hp.pull_lambda) * pull
+
+    def extra_metrics(self) -> dict:
+        h = self.hp
+        return {"placement": self.placement, "batch_voting": bool(h.batch_voting), "pool_size": int(h.pool_size),
+                "prompt_length": int(h.prompt_length), "top_n": int(h.top_n), "pull_lambda": float(h.pull_lambda),
+                "pull_sum_over_selected": bool(h.pull_sum_over_selected), "prompt_order": "pool index"}

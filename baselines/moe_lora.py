@@ -1,0 +1,86 @@
+"""moe-lora: one rank-r LoRA expert per task per adapted layer, mixed by a top-k router.
+
+The coarse-expert baseline MoRAM argues against (``/work/shared/METHODS.md``, MoE-LoRA).
+Every adapted Linear (the same placement as MoRAM: the backbone's declared adapter
+targets, unless ``method.targets`` overrides them) gets a ``MoELoRA`` layer
+(moram_bench/adapters/moe.py). Task t adds expert t and router row t; earlier experts are
+frozen. At test time the router mixes the top-k experts of all tasks: no task id.
+
+Switches (defaults in conf/method/moe-lora.yaml, which way each default goes):
+- ``train_old_router`` (default false): router rows of earlier experts are frozen; true
+  lets them keep training in later tasks.
+- ``per_sample`` (default false): route per token; true routes each sample once with its
+  first token ([CLS] / start token), as MoE-Adapters4CL does.
+- ``balance_loss`` (default false): add the importance + load balancing loss with
+  ``balance_coef`` (1e-2). Off by default because MoE-Adapters4CL computes it but never
+  adds it to the loss.
+
+Relation to MoE-Adapters4CL (Yu et al., CVPR 2024): that method uses a FIXED pool of 22
+bottleneck adapters parallel to each block's MLP, one router per task, freezes the top-2
+most-used experts after each task and picks the router at test time with per-task
+autoencoders (DDAS). moe-lora keeps its core (top-k routed adapters, old experts frozen,
+optional balancing loss, per-sample routing as a switch) but adds one LoRA expert per task
+at MoRAM's placement with a single growing router and no task-identification step, so it
+differs from MoRAM only in the granularity of its units and in having a separate router.
+See docs/BASELINES.md.
+"""
+from __future__ import annotations
+
+from moram_bench.adapters.moe import MoELoRA
+from moram_bench.config import ConfigError
+from moram_bench.method import ContinualModule
+from moram_bench.registry import register_method
+
+
+@register_method("moe-lora")
+class MoELoRAMethod(ContinualModule):
+    """MoE-LoRA: a rank-r LoRA expert added per task per layer, top-k softmax router, old experts frozen."""
+
+    modalities = ("image", "text")
+
+    @classmethod
+    def validate_config(cls, h) -> None:
+        if int(h.r) < 1:
+            raise ConfigError(f"method.r must be >= 1 (got {h.r})")
+        if int(h.top_k) < 1:
+            raise ConfigError(f"method.top_k must be >= 1 (got {h.top_k})")
+        if not 0.0 <= float(h.dropout) < 1.0:
+            raise ConfigError(f"method.dropout must be in [0, 1) (got {h.dropout})")
+        if float(h.balance_coef) < 0:
+            raise ConfigError(f"method.balance_coef must be >= 0 (got {h.balance_coef})")
+
+    def setup_adapters(self) -> None:
+        h = self.hp
+        scale = float(h.alpha) / int(h.r) if h.get("alpha") else 1.0
+        coef = float(h.balance_coef) if h.balance_loss else 0.0
+
+        def factory(name, linear):
+            return MoELoRA(linear.in_features, linear.out_features, int(h.r), top_k=int(h.top_k), scale=scale,
+                           dropout=float(h.dropout), per_sample=bool(h.per_sample),
+                           train_old_router=bool(h.train_old_router), balance_coef=coef)
+
+        self.layers = self.inject(factory, patterns=h.get("targets"))
+
+    def moe_layers(self) -> list[MoELoRA]:
+        return [m.adapter for m in self.layers.values()]
+
+    def begin_task(self, task: int, restoring: bool = False) -> None:
+        super().begin_task(task, restoring)
+        for layer in self.moe_layers():
+            layer.add_expert()  # freezes earlier experts (and router rows unless train_old_router)
+
+    def end_task(self, task: int, restoring: bool = False) -> None:
+        for layer in self.moe_layers():
+            layer.freeze()
+
+    def extra_loss(self, batch, outputs):
+        terms = [t for t in (layer.pop_aux_loss() for layer in self.moe_layers()) if t is not None]
+        return sum(terms) if terms else None
+
+    def extra_metrics(self) -> dict:
+        layers = self.moe_layers()
+        h = self.hp
+        return {"adapted_layers": len(layers), "experts_per_layer": layers[0].n_experts if layers else 0,
+                "r": int(h.r), "top_k": int(h.top_k), "per_sample": bool(h.per_sample),
+                "train_old_router": bool(h.train_old_router), "balance_loss": bool(h.balance_loss),
+                "balance_coef": float(h.balance_coef)}

@@ -1,0 +1,274 @@
+"""The text protocol (LLM track): answer-only language-model loss, scoring by generation.
+
+A text task's items are ``{"prompt": str, "answer": str}``; the DataModule's default
+``collate`` turns a batch into lists of strings, and everything token-level happens here,
+identically for every method on a stream:
+
+- **Prompt formatting.** With ``chat_template`` (stream setting) the prompt is the user turn
+  of the tokenizer's chat template, after an optional ``system_prompt``, followed by the
+  assistant header; otherwise it is the raw prompt (plus the tokenizer's BOS if it adds one).
+- **Truncation.** Only the prompt's own tokens are cut, never the template around them, to
+  ``max_prompt_tokens`` in total: ``left`` (default) drops the beginning and keeps the end
+  of the prompt, where the question and its answer cue sit, as TRACE does; ``right`` keeps
+  the beginning; ``middle`` keeps both ends (instruction first, cue last) and drops the
+  middle. Answers are cut to ``max_answer_tokens`` (their end).
+- **Training.** ``input = prompt + answer + end-of-turn``, padded on the RIGHT; the loss is
+  the mean cross-entropy over answer tokens (and the end-of-turn token) only, all other
+  positions are masked. The LM head runs only at those positions (the vocabulary
+  projection is the most expensive layer of a small LM), unless the model post-processes
+  its logits (e.g. Gemma-2 soft-capping), in which case the full forward is used.
+- **Evaluation.** Batched greedy decoding with a KV cache (``model.generate``), prompts
+  padded on the LEFT, sorted by length and cut into chunks of ``gen_batch_size``; at most
+  the task's ``max_new_tokens``; stops at the end-of-turn / EOS tokens; optional
+  ``repetition_penalty`` / ``no_repeat_ngram_size`` (the official MoRAM TRACE decoding uses
+  1.2 and 3). The decoded text (special tokens skipped, stripped) is scored with the task's
+  scorer (``moram_bench.text_scorers``) against the answer, with the prompt as source.
+
+Stream settings (``Stream.settings``, defaults in ``TEXT_DEFAULTS``) are fairness-relevant
+and recorded with the run; ``text_settings(cfg.stream)`` builds them from a stream config.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import text_scorers
+
+IGNORE = -100
+TEXT_DEFAULTS: dict[str, Any] = {
+    "chat_template": True,      # use the tokenizer's chat template when it has one
+    "system_prompt": None,      # system message of the chat template (None: the template's default)
+    "max_prompt_tokens": 512,   # prompt + template tokens, after truncation
+    "max_answer_tokens": 256,   # answer tokens used for training
+    "truncation": "left",       # which part of a too-long prompt is dropped: left | right | middle
+    "gen_batch_size": 32,       # prompts decoded together
+    "repetition_penalty": 1.0,  # generation (1.0: off)
+    "no_repeat_ngram_size": 0,  # generation (0: off)
+}
+TRUNCATIONS = ("left", "right", "middle")
+_PLACEHOLDER = "\u2063MORAMPROMPT\u2063"
+
+
+def text_settings(stream_cfg: Any = None, **overrides) -> dict[str, Any]:
+    """The protocol settings of a text stream: ``TEXT_DEFAULTS`` updated from the keys of
+    a stream config (omegaconf node or dict) and then from ``overrides``."""
+    out = dict(TEXT_DEFAULTS)
+    if stream_cfg is not None:
+        for k in TEXT_DEFAULTS:
+            v = stream_cfg.get(k) if hasattr(stream_cfg, "get") else None
+            if v is not None:
+                out[k] = v
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    if out["truncation"] not in TRUNCATIONS:
+        from ..streams.base import StreamError
+
+        raise StreamError(f"stream truncation={out['truncation']!r} is not one of {', '.join(TRUNCATIONS)}")
+    return out
+
+
+def truncate(ids: list[int], budget: int, side: str) -> list[int]:
+    """Keep at most ``budget`` (>= 1) of ``ids``: drop the ``left`` part, the ``right``
+    part or the ``middle`` (keeping the first ceil(budget/2) and the last floor(budget/2))."""
+    budget = max(1, int(budget))
+    if len(ids) <= budget:
+        return list(ids)
+    if side == "left":
+        return list(ids[-budget:])
+    if side == "right":
+        return list(ids[:budget])
+    head = (budget + 1) // 2
+    tail = budget - head
+    return list(ids[:head]) + (list(ids[-tail:]) if tail else [])
+
+
+class PromptEncoder:
+    """Turns prompt and answer strings into token ids for one tokenizer and one setting.
+
+    ``prompt_ids(p)``: template prefix + truncated prompt tokens + template suffix (the
+    assistant header). ``answer_ids(a)``: the answer's tokens + the end-of-turn tokens.
+    ``stop_ids``: token ids that end generation.
+    """
+
+    def __init__(self, tokenizer, settings: dict[str, Any], eos_ids: Sequence[int] = ()):
+        self.tok = tokenizer
+        self.settings = settings
+        self.use_chat = bool(settings["chat_template"]) and bool(getattr(tokenizer, "chat_template", None))
+        if self.use_chat:
+            messages = self._messages(_PLACEHOLDER)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if text.count(_PLACEHOLDER) != 1:
+                raise ValueError("the tokenizer's chat template does not render the user message verbatim")
+            prefix, suffix = text.split(_PLACEHOLDER)
+            self.prefix = self._encode(prefix)
+            self.suffix = self._encode(suffix)
+            turn = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _PLACEHOLDER}],
+                                                 tokenize=False)
+            end_text = turn.split(_PLACEHOLDER)[-1].strip()
+            self.end_of_turn = self._encode(end_text)[:1] if end_text else []
+        else:
+            probe = tokenizer("x", add_special_tokens=True)["input_ids"]
+            plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+            n = len(probe) - len(plain)
+            self.prefix = list(probe[:n]) if n > 0 and probe[n:] == plain else []
+            self.suffix = []
+            self.end_of_turn = []
+        if not self.end_of_turn:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("the tokenizer has no EOS token to end answers with")
+            self.end_of_turn = [int(tokenizer.eos_token_id)]
+        stops = list(self.end_of_turn) + [int(i) for i in eos_ids]
+        self.stop_ids = list(dict.fromkeys(stops))
+        self._cache: dict[str, list[int]] = {}
+
+    def _messages(self, content: str) -> list[dict]:
+        msgs = []
+        if self.settings.get("system_prompt"):
+            msgs.append({"role": "system", "content": str(self.settings["system_prompt"])})
+        msgs.append({"role": "user", "content": content})
+        return msgs
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _encode_cached(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._encode(text)
+            if len(self._cache) < 200_000:
+                self._cache[text] = ids
+        return ids
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        budget = int(self.settings["max_prompt_tokens"]) - len(self.prefix) - len(self.suffix)
+        body = truncate(self._encode_cached(prompt), budget, self.settings["truncation"])
+        return self.prefix + body + self.suffix
+
+    def answer_ids(self, answer: str) -> list[int]:
+        ids = self._encode_cached(answer)[: int(self.settings["max_answer_tokens"])]
+        return ids + self.end_of_turn
+
+
+def training_batch(enc: PromptEncoder, prompts: Sequence[str], answers: Sequence[str], pad_id: int):
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
+    positions are ``IGNORE``), as int64 tensors of shape (B, L)."""
+    rows, labels = [], []
+    for p, a in zip(prompts, answers):
+        pi, ai = enc.prompt_ids(p), enc.answer_ids(a)
+        rows.append(pi + ai)
+        labels.append([IGNORE] * len(pi) + ai)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    lab = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        lab[i, :len(l)] = torch.tensor(l)
+    return ids, mask, lab
+
+
+def generation_batch(prompt_ids: Sequence[Sequence[int]], pad_id: int):
+    """Left-padded ``input_ids`` and ``attention_mask`` (the last column is every prompt's
+    last token, where decoding continues)."""
+    width = max(len(r) for r in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, r in enumerate(prompt_ids):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(list(r))
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    """Mean next-token cross-entropy over the labelled positions; the LM head is applied
+    to those positions only when the model allows it. Returns (loss, n_tokens)."""
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    n = int(keep.sum())
+    if n == 0:
+        raise ValueError("a training batch has no answer tokens (all answers truncated away?)")
+    head = model.get_output_embeddings()
+    decoder = getattr(model, "base_model", None)
+    plain_head = (head is not None and decoder is not None and decoder is not model
+                  and getattr(model.config, "final_logit_softcapping", None) is None
+                  and float(getattr(model.config, "logit_scale", 1.0) or 1.0) == 1.0)
+    if plain_head:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
+    return F.cross_entropy(logits.float(), target[keep]), n
+
+
+class TextProtocol:
+    """Answer-only LM loss and generation-based scores for text streams (see module doc)."""
+
+    def __init__(self, module):
+        self.m = module  # a plain reference: the protocol owns no parameters
+        self.settings = text_settings(None, **{k: v for k, v in module.stream.settings.items() if k in TEXT_DEFAULTS})
+        bb = module.backbone
+        self.tokenizer = bb.tokenizer
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        eos = bb.eos_token_ids if hasattr(bb, "eos_token_ids") else [self.tokenizer.eos_token_id]
+        self.encoder = PromptEncoder(self.tokenizer, self.settings, eos)
+        for t in module.stream.tasks:
+            text_scorers.get_scorer(t.scorer)  # fail early on a typo
+
+    @property
+    def model(self):
+        return self.m.backbone.model
+
+    @staticmethod
+    def batch_size(batch: dict) -> int:
+        return len(batch["prompt"])
+
+    # ---- training ---------------------------------------------------------------------
+    def loss(self, batch: dict, task: int) -> tuple[torch.Tensor, dict]:
+        ids, mask, labels = training_batch(self.encoder, batch["prompt"], batch["answer"], self.pad_id)
+        dev = self.m.device
+        loss, n = answer_loss(self.model, ids.to(dev), mask.to(dev), labels.to(dev))
+        return loss, {"answer_tokens": n, "input_ids": ids, "attention_mask": mask}
+
+    # ---- evaluation -------------------------------------------------------------------
+    def on_eval_start(self) -> None:
+        pass
+
+    def on_eval_end(self) -> None:
+        pass
+
+    def _generation_config(self, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        s = self.settings
+        return GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
+                                repetition_penalty=float(s["repetition_penalty"]),
+                                no_repeat_ngram_size=int(s["no_repeat_ngram_size"]),
+                                eos_token_id=self.encoder.stop_ids, pad_token_id=self.pad_id,
+                                use_cache=True)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers to ``prompts`` (batched, left-padded, sorted by length)."""
+        encoded = [self.encoder.prompt_ids(p) for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        chunk = max(1, int(self.settings["gen_batch_size"]))
+        gen_cfg = self._generation_config(max_new_tokens)
+        out: list[str] = [""] * len(prompts)
+        dev = self.m.device
+        for s in range(0, len(order), chunk):
+            idx = order[s:s + chunk]
+            ids, mask = generation_batch([encoded[i] for i in idx], self.pad_id)
+            seq = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
+            new = seq[:, ids.shape[1]:].cpu()
+            for i, row in zip(idx, new):
+                out[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+        return out
+
+    def scores(self, batch: dict, task: int) -> torch.Tensor:
+        t = self.m.stream.tasks[task]
+        preds = self.generate(batch["prompt"], t.max_new_tokens)
+        vals = text_scorers.score(t.scorer, preds, batch["answer"], batch["prompt"])
+        return torch.tensor(vals, dtype=torch.float64)

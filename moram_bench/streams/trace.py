@@ -1,0 +1,99 @@
+"""TRACE (Wang et al. 2023): 8 LLM tasks read from a user's folder, ``stream=trace data_dir=PATH``.
+
+Layout (the official release, e.g. ``LLM-CL-Benchmark_5000``)::
+
+    PATH/C-STANCE/{train,eval,test}.json   ...   PATH/20Minuten/{train,eval,test}.json
+
+each a JSON list of ``{"prompt": str, "answer": str}``. Task folders are matched
+case-insensitively; train.json and test.json are read (eval.json is the official
+validation split, not used by the protocol). Nothing here may be committed (licences).
+
+Order and scoring (PROTOCOLS.md): C-STANCE and FOMC: first option letter; MeetingBank:
+ROUGE-L F; Py150: edit similarity after restoring literal placeholders; ScienceQA: first
+character; NumGLUE-cm and NumGLUE-ds: numeric answer; 20Minuten: SARI with the prompt as
+source. Epochs per task 2,1,3,2,1,2,2,3 (the official MoRAM TRACE runner), unless
+``stream.epochs`` (all tasks) is set. ``stream.max_train`` / ``stream.max_test`` cap the
+splits with a fixed-seed subset (``stream.subset_seed``), identical for every method;
+``stream.tasks`` selects or reorders tasks.
+"""
+from __future__ import annotations
+
+from ..protocols.text import text_settings
+from ..registry import register_stream
+from .base import Stream, StreamError, Task
+from .textdata import TextPairs, capped, find_child, hf_cache_dir, read_json_records, require_data_dir, select_tasks
+
+TRACE_TASKS = ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten")
+TRACE_SCORERS = {"C-STANCE": "option_letter", "FOMC": "option_letter", "MeetingBank": "rouge_l",
+                 "Py150": "code_edit_sim", "ScienceQA": "first_char", "NumGLUE-cm": "numeric",
+                 "NumGLUE-ds": "numeric", "20Minuten": "sari"}
+TRACE_EPOCHS = {"C-STANCE": 2, "FOMC": 1, "MeetingBank": 3, "Py150": 2, "ScienceQA": 1, "NumGLUE-cm": 2,
+                "NumGLUE-ds": 2, "20Minuten": 3}
+PAIR = 'a JSON list of {"prompt": str, "answer": str} records'
+
+
+def read_pairs(path, cache_dir=None) -> TextPairs:
+    """A TRACE-format file (list of {"prompt", "answer"}) as ``TextPairs``."""
+    cols = read_json_records(path, ("prompt", "answer"), PAIR, cache_dir)
+    return TextPairs(cols["prompt"], cols["answer"])
+
+
+def load_task_folder(folder, name: str, cache_dir=None, splits=("train", "test")) -> dict[str, TextPairs]:
+    """The splits of one task folder; StreamError if the folder or a file is missing/malformed."""
+    out = {}
+    for split in splits:
+        ds = read_pairs(folder / f"{split}.json", cache_dir)
+        if len(ds) == 0:
+            raise StreamError(f"{folder / f'{split}.json'} holds no records (expected {PAIR})")
+        out[split] = ds
+    return out
+
+
+def per_task(value, name: str, order, default):
+    """A per-task setting given as a mapping (task -> value, case-insensitive), a list in
+    the stream's official ``order``, or one value for every task; ``default`` if unset."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if value is None:
+        return default
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if str(k).lower() == name.lower():
+                return default if v is None else v
+        return default
+    if isinstance(value, (list, tuple)):
+        i = list(order).index(name)
+        if i >= len(value):
+            raise StreamError(f"per-task setting {value} has no entry for task {i + 1} ({name})")
+        return value[i]
+    return value
+
+
+@register_stream("trace")
+def build_trace(cfg) -> Stream:
+    """TRACE: 8 LLM tasks (C-STANCE ... 20Minuten) from data_dir, official order and scorers."""
+    s = cfg.stream
+    root = require_data_dir(cfg, "trace", "a folder holding the 8 TRACE task folders " + ", ".join(TRACE_TASKS)
+                            + ", each with train.json, eval.json and test.json")
+    names = select_tasks(TRACE_TASKS, s.get("tasks"), "trace")
+    cache = hf_cache_dir(cfg)
+    seed = int(s.get("subset_seed", 0) or 0)
+    tasks = []
+    for i, name in enumerate(names):
+        folder = find_child(root, name)
+        if folder is None:
+            raise StreamError(f"missing task folder {root / name} (expected train.json, eval.json and test.json "
+                              f"with {PAIR})")
+        splits = load_task_folder(folder, name, cache)
+        epochs = None if s.get("epochs") is not None else per_task(s.get("task_epochs"), name, TRACE_TASKS, TRACE_EPOCHS[name])
+        tasks.append(Task(name=name, train=capped(splits["train"], s.get("max_train"), seed + 2 * i),
+                          test=capped(splits["test"], s.get("max_test"), seed + 2 * i + 1),
+                          scorer=TRACE_SCORERS[name],
+                          max_new_tokens=int(per_task(s.get("max_new_tokens"), name, TRACE_TASKS, 64)),
+                          epochs=float(epochs) if epochs is not None else None,
+                          extra={"folder": str(folder)}))
+    settings = text_settings(s)
+    settings.update(data_dir=str(root), max_train=s.get("max_train"), max_test=s.get("max_test"), subset_seed=seed)
+    return Stream(name="trace", modality="text", tasks=tasks, settings=settings)

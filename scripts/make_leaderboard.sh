@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Regenerate the committed leaderboard of the embedded streams (results/LEADERBOARD.md,
+# results/leaderboard.csv, results/leaderboard.tex and the block in results/README.md):
+#
+#   1. a sweep of every image method x seeds 0,1,2 on xtail-mini, with each method's
+#      default settings (run directories in results/runs/, not committed);
+#   2. the leaderboard over everything below results/.
+#
+# Interrupted? Run it again: finished runs are skipped, an unfinished one resumes.
+#
+# Usage (from anywhere):  scripts/make_leaderboard.sh [extra fit overrides ...]
+#   e.g.                   scripts/make_leaderboard.sh trainer.accelerator=gpu
+# Environment:             PYTHON (default: .venv/bin/python if present, else python),
+#                          METHODS (comma list; default: every registered image method),
+#                          STREAMS (default: xtail-mini), SEEDS (default: 0,1,2)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+if [[ -z "${METHODS:-}" ]]; then
+  METHODS=$("$PYTHON" -c "from moram_bench import registry; registry.discover(); \
+print(','.join(sorted(n for n, c in registry.METHODS.items() if 'image' in getattr(c, 'modalities', ()))))")
+fi
+STREAMS=${STREAMS:-xtail-mini}
+SEEDS=${SEEDS:-0,1,2}
+
+echo "make_leaderboard: methods ${METHODS}; streams ${STREAMS}; seeds ${SEEDS}"
+status=0
+"$PYTHON" -m moram_bench sweep "method=${METHODS}" "stream=${STREAMS}" "seed=${SEEDS}" \
+  trainer.enable_progress_bar=false "$@" || status=$?
+if [[ $status -eq 2 || $status -eq 130 ]]; then
+  exit "$status"  # the grid was invalid, or interrupted: nothing new to tabulate
+fi
+# failed runs (status 1) are listed as unfinished in the leaderboard, never dropped
+"$PYTHON" -m moram_bench leaderboard results
+exit "$status"

@@ -1,0 +1,281 @@
+"""The leaderboard from hand-made run directories: exact means and sample stds, best
+marking, grouping by settings, unfinished and unreadable runs listed, the three files."""
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from moram_bench import leaderboard as L
+from moram_bench import metrics as M
+
+# T = 2 matrices, rows 0..2. Hand-computed metrics per matrix:
+#   last, mtil_avg, transfer, avg_incremental, bwt, forgetting
+MORAM = {
+    0: ([[10, 20], [60, 30], [70, 70]], (70.0, 57.5, 30.0, 65.0, 10.0, -10.0)),
+    1: ([[10, 20], [50, 40], [72, 72]], (72.0, 58.5, 40.0, 61.0, 22.0, -22.0)),
+    2: ([[10, 20], [80, 20], [74, 80]], (77.0, 63.5, 20.0, 78.5, -6.0, 6.0)),
+}
+SEQ_LORA = [[10, 20], [90, 10], [40, 85]]  # 62.5, 56.25, 10, 76.25, -50, 50
+ZEROSHOT = [[10, 35], [10, 35], [10, 35]]  # 22.5, 22.5, 35, 16.25, 0, 0
+NAMES = ["alpha", "beta"]
+
+
+def make_run(root, method, seed, R, *, stream="xtail-mini", finished=True, r=16, shots=16,
+             trainable=(100, 100), params_added=200, train_s=10.0, eval_s=2.0, method_settings=None,
+             modality="image", backbone="mini-clip", subdir=None, rows_written=None):
+    """Write a run directory the way the runner does (matrix.csv, run_state.json, metrics.json)."""
+    out = root / "runs" / stream / method / (subdir or f"seed{seed}")
+    R = np.asarray(R, dtype=float)
+    T = R.shape[1]
+    method_cfg = {"name": method} if method == "zeroshot" else {"name": method, "r": r, "optim": {"lr": 5e-4}}
+    config = {"method": method_cfg, "stream": {"name": stream, "modality": modality, "shots": shots},
+              "backbone": {"name": backbone, "pretrained": "/home/someone/weights/mini.pt"},
+              "seed": seed, "output_dir": str(out), "overwrite": False, "cache_dir": None, "data_dir": "/data",
+              "trainer": {"devices": 1, "accelerator": "cpu", "precision": "32-true"},
+              "data": {"eval_batch_size": 256, "num_workers": 0}}
+    n_rows = (T + 1) if rows_written is None else rows_written
+    M.write_matrix_csv(out / "matrix.csv", R[:n_rows], NAMES[:T])
+    M.atomic_write_json(out / "run_state.json", {
+        "config_hash": "x", "config": config, "method": method, "stream": stream, "seed": seed,
+        "completed_tasks": n_rows - 1, "num_tasks": T, "finished": finished,
+        "train_seconds": train_s, "eval_seconds": eval_s})
+    if finished:
+        met = M.compute_all(R)
+        met.update({"method": method, "stream": stream, "backbone": backbone, "seed": seed, "num_tasks": T,
+                    "task_names": NAMES[:T], "matrix": R.tolist(), "train_seconds": train_s,
+                    "eval_seconds": eval_s, "setup_seconds": 1.0,
+                    "trainable_params_per_task": list(trainable), "params_added": params_added,
+                    "stream_settings": {"shots": shots, "templates": ["a photo of a {}."], "data_seed": seed},
+                    "method_settings": method_settings or {}, "config": config, "versions": {},
+                    "finished": True})
+        M.atomic_write_json(out / "metrics.json", met)
+    return out
+
+
+@pytest.fixture
+def results(tmp_path):
+    for seed, (R, _) in MORAM.items():
+        make_run(tmp_path, "moram", seed, R, trainable=(100, 300), params_added=400 + seed * 10,
+                 train_s=10.0 * (seed + 1), eval_s=3.0)
+    make_run(tmp_path, "seq-lora", 0, SEQ_LORA, trainable=(50, 50), params_added=0)
+    make_run(tmp_path, "zeroshot", 0, ZEROSHOT, trainable=(0, 0), params_added=0)
+    return tmp_path
+
+
+def test_hand_computed_metrics_of_the_fixtures():
+    for R, expected in MORAM.values():
+        m = M.compute_all(R)
+        got = tuple(m[k] for k in ("last", "mtil_avg", "transfer", "avg_incremental", "bwt", "forgetting"))
+        assert got == pytest.approx(expected)
+
+
+def test_means_sample_stds_and_best_marking(results):
+    lb = L.aggregate(L.collect_runs(results))
+    assert lb.problems == [] and lb.num_runs == 5
+    (table,) = lb.tables
+    assert table.stream == "xtail-mini" and table.modality == "image"
+    assert [s.key for s in table.metrics] == ["last", "mtil_avg", "transfer", "avg_incremental", "bwt", "forgetting"]
+    rows = {r.label: r for r in table.rows}
+    assert list(rows) == ["zeroshot", "moram", "seq-lora"]  # reference row first
+    moram = rows["moram"]
+    assert moram.n == 3 and moram.seeds == [0, 1, 2]
+    # last 70, 72, 77: mean 73, sample std sqrt((9 + 1 + 16) / 2) = sqrt(13)
+    assert moram.mean["last"] == pytest.approx(73.0, abs=1e-12)
+    assert moram.std["last"] == pytest.approx(math.sqrt(13), abs=1e-12)
+    # transfer 30, 40, 20: mean 30, std 10
+    assert moram.mean["transfer"] == pytest.approx(30.0) and moram.std["transfer"] == pytest.approx(10.0)
+    # bwt 10, 22, -6: mean 26/3, std sqrt(((4/3)^2 + (40/3)^2 + (44/3)^2) / 2)
+    assert moram.mean["bwt"] == pytest.approx(26 / 3)
+    assert moram.std["bwt"] == pytest.approx(math.sqrt(((4 / 3) ** 2 + (40 / 3) ** 2 + (44 / 3) ** 2) / 2))
+    assert moram.mean["avg_incremental"] == pytest.approx((65 + 61 + 78.5) / 3)
+    assert moram.mean["forgetting"] == pytest.approx(-26 / 3)
+    # costs: mean over tasks, then over seeds
+    assert moram.costs["trainable_params_per_task"] == pytest.approx(200.0)
+    assert moram.costs["params_added"] == pytest.approx(410.0)
+    assert moram.costs["train_seconds"] == pytest.approx(20.0)
+    assert moram.costs["eval_seconds"] == pytest.approx(3.0)
+    # single seed: std unknown (None), never 0
+    seq = rows["seq-lora"]
+    assert seq.n == 1 and seq.std["last"] is None and seq.mean["last"] == pytest.approx(62.5)
+    assert seq.missing_seeds == [1, 2]
+    # best: moram everywhere except avg_incremental (seq-lora 76.25 > 68.17); zero-shot's
+    # transfer 35 beats moram's 30 but a row that trains nothing is never marked
+    assert moram.best == {"last", "mtil_avg", "transfer", "bwt", "forgetting"}
+    assert seq.best == {"avg_incremental"}
+    zs = rows["zeroshot"]
+    assert zs.reference and zs.best == set() and zs.mean["transfer"] == pytest.approx(35.0)
+
+
+def test_markdown_csv_and_latex(results):
+    lb = L.aggregate(L.collect_runs(results))
+    md = L.render_markdown(lb)
+    assert "## xtail-mini" in md
+    assert "| moram | 3 | **73.00 ± 3.61** | **59.83 ± 3.21** | **30.00 ± 10.00** | 68.17 ± 9.17 |" in md
+    assert "| seq-lora | 1 (missing seeds 1, 2) | 62.50 ± – | 56.25 ± – | 10.00 ± – | **76.25 ± –** |" in md
+    assert "| zeroshot (reference) | 1 (missing seeds 1, 2) | 22.50 ± – |" in md
+    assert "backbone mini-clip (mini.pt); 2 tasks (alpha, beta); shots: 16; templates: a photo of a {}." in md
+    assert "200 | 410 | 20.0 s | 3.0 s |" in md
+    assert "Unfinished" not in md
+
+    rows = list(csv.DictReader(io.StringIO(L.render_csv(lb))))
+    assert [r["label"] for r in rows] == ["zeroshot", "moram", "seq-lora"]
+    m = rows[1]
+    assert m["status"] == "finished" and m["n_seeds"] == "3" and m["seeds"] == "0;1;2"
+    assert float(m["last_mean"]) == 73.0 and float(m["last_std"]) == pytest.approx(math.sqrt(13), abs=1e-6)
+    assert m["best"] == "last;mtil_avg;transfer;bwt;forgetting"
+    assert float(m["params_added"]) == 410.0 and m["bwt_trace_magnitude_mean"] == ""
+    assert rows[2]["last_std"] == "" and rows[2]["best"] == "avg_incremental"
+    assert rows[0]["best"] == "" and "reference" in rows[0]["note"]
+
+    tex = L.render_latex(lb)
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\begin{tabular}{lr" in tex
+    assert "moram & 3 & \\textbf{73.00} $\\pm$ 3.61 &" in tex
+    assert "seq-lora & 1 (missing seeds 1, 2) & 62.50 $\\pm$ -- &" in tex
+    assert "xtail-mini" in tex and "xtail\\_mini" not in tex  # '-' needs no escaping
+
+
+def test_different_settings_are_separate_rows_labelled_by_the_difference(tmp_path):
+    for seed, (R, _) in MORAM.items():
+        make_run(tmp_path, "moram", seed, R)
+    make_run(tmp_path, "moram", 0, SEQ_LORA, r=8, subdir="r8/seed0")
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    (table,) = lb.tables
+    rows = {r.label: r for r in table.rows}
+    assert set(rows) == {"moram (r=16)", "moram (r=8)"}
+    assert rows["moram (r=16)"].n == 3 and rows["moram (r=16)"].mean["last"] == pytest.approx(73.0)
+    assert rows["moram (r=8)"].n == 1 and rows["moram (r=8)"].mean["last"] == pytest.approx(62.5)
+    assert rows["moram (r=8)"].variant == {"method.r": 8}
+
+
+def test_fairness_settings_split_rows_and_tables(tmp_path):
+    # test-time batch voting (method_settings) -> a separate row with a Settings column
+    make_run(tmp_path, "l2p", 0, MORAM[0][0], method_settings={"batch_voting": True, "pool": 10})
+    make_run(tmp_path, "l2p", 1, MORAM[1][0], method_settings={"batch_voting": False, "pool": 10}, subdir="nv/seed1")
+    make_run(tmp_path, "moram", 0, MORAM[2][0])
+    # a different few-shot count -> a different table (protocol), even for the same method
+    make_run(tmp_path, "moram", 0, SEQ_LORA, shots=4, subdir="shots4/seed0")
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    assert [t.protocol["shots"] for t in lb.tables] == [16, 4]
+    rows = {r.label: r for r in lb.tables[0].rows}
+    assert set(rows) == {"l2p (batch_voting=on)", "l2p (batch_voting=off)", "moram"}
+    assert all(r.n == 1 for r in rows.values())
+    md = L.render_markdown(lb)
+    assert "| Method | Settings | Seeds |" in md and "batch voting: on" in md
+    assert md.count("## xtail-mini") == 2 and "shots: 4" in md
+    assert lb.tables[1].rows[0].mean["last"] == pytest.approx(62.5)
+
+
+def test_unfinished_unreadable_and_duplicate_runs_are_listed(results):
+    # interrupted after task 1 of 2: run_state finished false, 2 of 3 matrix rows
+    make_run(results, "moram", 3, MORAM[0][0], finished=False, rows_written=2)
+    # says finished but matrix.csv lost its last row
+    bad = make_run(results, "seq-lora", 1, SEQ_LORA)
+    M.write_matrix_csv(bad / "matrix.csv", np.asarray(SEQ_LORA)[:2], NAMES)
+    # corrupt metrics.json
+    broken = make_run(results, "seq-lora", 2, SEQ_LORA)
+    (broken / "metrics.json").write_text("{not json")
+    # the same run copied elsewhere: same settings and seed -> not averaged twice
+    make_run(results, "moram", 0, MORAM[0][0], subdir="copy/seed0")
+
+    lb = L.aggregate(L.collect_runs(results))
+    probs = {p.path.relative_to(results).as_posix(): p for p in lb.problems}
+    assert set(probs) == {"runs/xtail-mini/moram/seed3", "runs/xtail-mini/seq-lora/seed1",
+                          "runs/xtail-mini/seq-lora/seed2", "runs/xtail-mini/moram/seed0"} or \
+        set(probs) == {"runs/xtail-mini/moram/seed3", "runs/xtail-mini/seq-lora/seed1",
+                       "runs/xtail-mini/seq-lora/seed2", "runs/xtail-mini/moram/copy/seed0"}
+    p = probs["runs/xtail-mini/moram/seed3"]
+    assert p.status == "unfinished" and p.progress == "1/2 tasks" and p.seed == 3
+    p = probs["runs/xtail-mini/seq-lora/seed1"]
+    assert p.status == "unfinished" and "2 of T+1 = 3 rows" in p.reason and p.progress == "1/2 tasks"
+    p = probs["runs/xtail-mini/seq-lora/seed2"]
+    assert p.status == "unreadable" and "metrics.json is unreadable" in p.reason
+    dup = [p for p in lb.problems if p.status == "duplicate"]
+    assert len(dup) == 1 and "same settings and seed 0" in dup[0].reason
+
+    rows = {r.label: r for r in lb.tables[0].rows}
+    assert rows["moram"].n == 3 and rows["moram"].mean["last"] == pytest.approx(73.0)  # unchanged
+    assert [u.seed for u in rows["moram"].unfinished] == [3]
+    md = L.render_markdown(lb)
+    assert "| moram | 3 (+1 unfinished) |" in md
+    assert "## Unfinished and unreadable runs" in md
+    assert "| moram | xtail-mini | 3 | 1/2 tasks | unfinished |" in md
+    statuses = [r["status"] for r in csv.DictReader(io.StringIO(L.render_csv(lb)))]
+    assert statuses.count("unfinished") == 2 and statuses.count("unreadable") == 1 and statuses.count("duplicate") == 1
+    assert "% not in the tables:" in L.render_latex(lb)
+
+
+def test_inconsistent_matrix_files_are_not_trusted(tmp_path):
+    out = make_run(tmp_path, "moram", 0, MORAM[0][0])
+    M.write_matrix_csv(out / "matrix.csv", MORAM[1][0], NAMES)  # another run's matrix
+    (rec,) = L.collect_runs(tmp_path)
+    assert rec.status == "unreadable" and "different accuracy matrices" in rec.reason
+
+
+def test_text_stream_headline_and_paper_references(tmp_path):
+    # TRACE-like stream: OP, BWT, |BWT| (TRACE); best |BWT| is the smallest
+    a = [[5, 5], [40, 10], [30, 50]]   # OP 40, bwt -10, clipped (-10 + 0)/2 -> |.| 5
+    b = [[5, 5], [40, 10], [38, 44]]   # OP 41, bwt -2, |.| 1
+    make_run(tmp_path, "moram", 0, a, stream="trace", modality="text", backbone="llama")
+    make_run(tmp_path, "o-lora", 0, b, stream="trace", modality="text", backbone="llama")
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    (table,) = lb.tables
+    assert [s.label for s in table.metrics] == ["OP", "BWT", "|BWT| (TRACE)"]
+    rows = {r.label: r for r in table.rows}
+    assert rows["moram"].mean["bwt_trace_magnitude"] == pytest.approx(5.0)
+    assert rows["o-lora"].best == {"last", "bwt", "bwt_trace_magnitude"}
+    md = L.render_markdown(lb)
+    assert "Paper reference numbers (TRACE" in md and "| MoRAM | LLaMA-2-7B-Chat | 44.54 | 1.37 |" in md
+    paper = [r for r in csv.DictReader(io.StringIO(L.render_csv(lb))) if r["status"] == "paper"]
+    assert len(paper) == 9 and paper[2]["method"] == "MoRAM" and paper[2]["bwt_trace_magnitude_mean"] == "1.37"
+    assert "$|$BWT$|$ (TRACE)" in L.render_latex(lb)
+    assert L.aggregate(L.collect_runs(tmp_path), references=False).tables[0].references is None
+
+
+def test_references_only_for_real_streams():
+    assert L.references_for("xtail")["rows"][3][0] == "MoRAM"
+    assert L.references_for("X-TAIL") is L.PAPER_REFERENCES["xtail"]
+    assert L.references_for("mtil") is L.PAPER_REFERENCES["mtil"]
+    assert L.references_for("mtil-order2") is None
+    assert L.references_for("xtail-mini") is None and L.references_for("synthetic-tiny") is None
+    assert L.references_for("trace") is L.PAPER_REFERENCES["trace"]
+
+
+def test_formatting_helpers():
+    assert L.format_params(0) == "0" and L.format_params(950) == "950"
+    assert L.format_params(12_345) == "12.3K" and L.format_params(1_234_567) == "1.23M"
+    assert L.format_params(294_912) == "295K" and L.format_params(None) == "–"
+    assert L.format_seconds(12.34) == "12.3 s" and L.format_seconds(300) == "5.0 min"
+    assert L.format_seconds(3 * 3600) == "3.0 h"
+    assert L.tex_escape("a_b & 50% #1") == "a\\_b \\& 50\\% \\#1"
+
+
+def test_cli_writes_the_three_files_and_the_readme_block(results, capsys):
+    (results / "README.md").write_text("intro\n<!-- leaderboard:start -->\nold\n<!-- leaderboard:end -->\nend\n")
+    assert L.main([str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "1 table(s), 3 row(s) from 5 finished run(s)" in out
+    for name in ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.tex"):
+        assert (results / name).stat().st_size > 0
+    md = (results / "LEADERBOARD.md").read_text()
+    assert md.startswith("# Leaderboard") and "**73.00 ± 3.61**" in md
+    readme = (results / "README.md").read_text()
+    assert readme.startswith("intro\n<!-- leaderboard:start -->\n### Leaderboard")
+    assert "\nold\n" not in readme and readme.endswith("<!-- leaderboard:end -->\nend\n")
+    assert "#### xtail-mini" in readme
+    # regenerating gives byte-identical files (no timestamps: the committed files only
+    # change when the results do)
+    before = {n: (results / n).read_bytes() for n in ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.tex")}
+    assert L.main([str(results)]) == 0
+    assert before == {n: (results / n).read_bytes() for n in before}
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert L.main([str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert L.main([str(tmp_path)]) == 1
+    assert "no run directories" in capsys.readouterr().err
+    assert not (tmp_path / "LEADERBOARD.md").exists()
+    assert L.main(["--bogus"]) == 2
