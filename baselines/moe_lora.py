@@ -51,6 +51,9 @@ class MoELoRAMethod(ContinualModule):
 
     def setup_adapters(self) -> None:
         h = self.hp
+        if h.per_sample and self.stream.modality == "text":
+            raise ConfigError("moe-lora: per_sample routing needs an encoder's [CLS]/first token; on a causal LM the "
+                              "first token is the same for every sample (and a pad under left padding): use per_sample=false")
         scale = float(h.alpha) / int(h.r) if h.get("alpha") else 1.0
         coef = float(h.balance_coef) if h.balance_loss else 0.0
 

@@ -2,6 +2,9 @@
 
     fit [--config FILE] [key=value ...]   train a method through a stream (see README)
     list                                   methods, streams and backbones with one-line summaries
+    check-data stream=NAME data_dir=PATH   is a real stream's data where and as expected?
+    sweep method=a,b seed=0,1,2 ...        a grid of fits, skipping finished runs
+    leaderboard [RESULTS_DIR]              LEADERBOARD.md/.csv/.tex from run directories
     bench [--quick] [--out FILE]           speed/memory benchmark of the memory layer
 
 Configuration problems print one line ``error: ...`` and exit with code 2 (no traceback).
@@ -69,10 +72,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(argv: list[str]) -> int:
-    from . import bench
+def _delegate(command: str, argv: list[str]) -> int:
+    """Subcommands with their own argument parsing (each module has ``main(argv)``)."""
+    import importlib
 
-    return bench.main(argv)
+    module = {"bench": "bench", "check-data": "check_data", "leaderboard": "leaderboard", "sweep": "sweep"}[command]
+    return importlib.import_module(f"moram_bench.{module}").main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     p_fit.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
     p_list = sub.add_parser("list", help="list methods, streams and backbones")
     p_list.add_argument("--plugins", nargs="*", help="extra method files or folders")
-    sub.add_parser("bench", help="benchmark the memory layer (see --help of the subcommand)", add_help=False)
+    for name, text in (("bench", "speed/memory benchmark of the memory layer"),
+                       ("check-data", "check a real stream's data folder: check-data stream=xtail data_dir=PATH"),
+                       ("sweep", "run a grid: sweep method=a,b stream=s seed=0,1,2"),
+                       ("leaderboard", "tables from run directories: leaderboard [RESULTS_DIR]")):
+        sub.add_parser(name, help=text, add_help=False)
 
-    if argv and argv[0] == "bench":
-        return cmd_bench(argv[1:])
+    if argv and argv[0] in ("bench", "check-data", "sweep", "leaderboard"):
+        return _delegate(argv[0], argv[1:])
     args = parser.parse_args(argv)
     if args.command == "fit":
         return cmd_fit(args)

@@ -71,6 +71,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -95,18 +96,28 @@ QUICK = dict(batch=1, tokens=197, rounds_eval=3, rounds_train=2, warmup=1,
 # ------------------------------------------------------------------------ measurement
 
 
-def _sync_fn(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+@dataclass
+class Setup:
+    """Where and how to measure: the device, the clock (``time.perf_counter`` or, with
+    ``--clock cpu``, ``time.thread_time``) and a progress logger."""
 
+    device: torch.device
+    clock: Callable[[], float] = time.perf_counter
+    log: Callable[[str], None] = lambda msg: None
 
-#: Clock used by ``time_interleaved``; ``--clock cpu`` switches to the thread's CPU time.
-CLOCK: Callable[[], float] = time.perf_counter
+    def sync(self) -> None:
+        """Wait for queued device work (CUDA), so that the clock measures it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fns: dict[str, Callable[[], Any]], rounds: int,
+             warmup: int) -> dict[str, list[float]]:
+        return time_interleaved(fns, rounds, warmup, self.sync, self.clock)
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int,
-                     sync: Callable[[], None]) -> dict[str, list[float]]:
+                     sync: Callable[[], None] = lambda: None,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of every function, measured in interleaved rounds.
 
     Each round calls every function once, starting at a rotating position so that no
@@ -118,11 +129,11 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
             sync()
-            t0 = CLOCK()
+            t0 = clock()
             fns[name]()
             sync()
             if i >= warmup:
-                times[name].append(CLOCK() - t0)
+                times[name].append(clock() - t0)
     return times
 
 
@@ -159,11 +170,10 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
-        with _quiet_stderr():
+        with _quiet_stderr():   # the profiler logs its start and stop on stderr
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 fn()
             prof.export_chrome_trace(path)
@@ -260,7 +270,7 @@ def _layer_callables(adapter: nn.Module, base: nn.Linear, x: torch.Tensor, gy: t
 
 def bench_layer_record(adapters: dict[str, nn.Module], base: nn.Linear, x: torch.Tensor,
                        gy: torch.Tensor, mode: str, rounds: int, warmup: int,
-                       device: torch.device) -> dict[str, Any]:
+                       setup: Setup) -> dict[str, Any]:
     """Times ``frozen`` (the base layer alone) and each adapter around ``base``.
 
     Returns ``{name: {"ms": median, "ratio": median of t/t_frozen, "peak_bytes": ...}}``.
@@ -269,20 +279,21 @@ def bench_layer_record(adapters: dict[str, nn.Module], base: nn.Linear, x: torch
         a.train(mode == "train")
     fns = {"frozen": _layer_callables(_PassThrough(), base, x, gy, mode)}
     fns.update({name: _layer_callables(a, base, x, gy, mode) for name, a in adapters.items()})
-    times = time_interleaved(fns, rounds, warmup, _sync_fn(device))
+    times = setup.time(fns, rounds, warmup)
     out = {}
     for name, fn in fns.items():
         out[name] = {
             "ms": 1e3 * statistics.median(times[name]),
             "ratio": median_ratio(times[name], times["frozen"]),
-            "peak_bytes": peak_extra_bytes(fn, device),
+            "peak_bytes": peak_extra_bytes(fn, setup.device),
             "times": times[name],
         }
     return out
 
 
-def bench_memory_layer(cfg: dict, device: torch.device, log: Callable[[str], None]) -> list[dict]:
+def bench_memory_layer(cfg: dict, setup: Setup) -> list[dict]:
     """The ``memory_layer`` records (see the module docstring)."""
+    device, log = setup.device, setup.log
     torch.manual_seed(0)
     base = nn.Linear(D_MODEL, D_MODEL).to(device).requires_grad_(False)
     x = torch.randn(cfg["batch"], cfg["tokens"], D_MODEL, device=device)
@@ -295,7 +306,7 @@ def bench_memory_layer(cfg: dict, device: torch.device, log: Callable[[str], Non
             log(f"  memory layer N={n} {mode} ...")
             rounds = cfg["rounds_eval"] if mode == "eval" else cfg["rounds_train"]
             res = bench_layer_record({"memory": mem, "straightforward": _Reference(mem)}, base,
-                                     x, gy, mode, rounds, cfg["warmup"], device)
+                                     x, gy, mode, rounds, cfg["warmup"], setup)
             m, s, f = res["memory"], res["straightforward"], res["frozen"]
             overhead = m["ratio"] - 1.0
             speedup = median_ratio(s["times"], m["times"])
@@ -327,8 +338,9 @@ def bench_memory_layer(cfg: dict, device: torch.device, log: Callable[[str], Non
 # ------------------------------------------------------------------------------ ViT-B/16
 
 
-def bench_vit(cfg: dict, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_vit(cfg: dict, setup: Setup) -> dict[str, Any]:
     """The ``vit_b16`` section, or ``{"available": False, "note": ...}``."""
+    device, log = setup.device, setup.log
     try:
         import open_clip
     except ImportError as e:  # pragma: no cover - open_clip is a dependency
@@ -373,7 +385,7 @@ def bench_vit(cfg: dict, device: torch.device, log: Callable[[str], None]) -> di
 
     fns = {k: variant(k) for k in ("plain", "moram", "straightforward")}
     log("  timing ViT-B-16 forwards ...")
-    times = time_interleaved(fns, cfg["vit_rounds"], cfg["vit_warmup"], _sync_fn(device))
+    times = setup.time(fns, cfg["vit_rounds"], cfg["vit_warmup"])
     diff = (last["moram"] - last["straightforward"]).abs().max().item()
     rec: dict[str, Any] = {
         "available": True, "images": cfg["vit_images"], "image_size": cfg["vit_image_size"],
@@ -409,9 +421,10 @@ def build_moe_lora(n_tasks: int, r: int = R, d_in: int = D_MODEL, d_out: int = D
     return layer
 
 
-def bench_moe_lora(cfg: dict, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+def bench_moe_lora(cfg: dict, setup: Setup) -> dict[str, Any]:
     """The ``moe_lora`` section: the same eval/train layer records as ``memory_layer`` for
     MoE-LoRA with one rank-16 expert per task (1, 10, 100 tasks), or why it is missing."""
+    device, log = setup.device, setup.log
     name = "moram_bench.adapters.moe"
     if importlib.util.find_spec(name) is None:
         return {"available": False, "note": f"{name} does not exist"}
@@ -431,7 +444,7 @@ def bench_moe_lora(cfg: dict, device: torch.device, log: Callable[[str], None]) 
             log(f"  moe-lora {tasks} experts {mode} ...")
             rounds = cfg["rounds_eval"] if mode == "eval" else cfg["rounds_train"]
             res = bench_layer_record({"moe_lora": layer}, base, x, gy, mode, rounds,
-                                     cfg["warmup"], device)
+                                     cfg["warmup"], setup)
             records.append({
                 "n_tasks": tasks, "n_experts": layer.n_experts, "rank": R, "mode": mode,
                 "frozen_ms": res["frozen"]["ms"], "layer_ms": res["moe_lora"]["ms"],
@@ -521,19 +534,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    global CLOCK
-    CLOCK = time.perf_counter
-    if args.clock == "cpu":
-        if device.type != "cpu" or torch.get_num_threads() != 1:
-            parser.error("--clock cpu needs --device cpu and --threads 1 (the CPU time of "
-                         "the calling thread misses work done by other threads)")
-        CLOCK = time.thread_time
+    if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        parser.error("--clock cpu needs --device cpu and --threads 1 (the CPU time of "
+                     "the calling thread misses work done by other threads)")
     cfg = dict(QUICK if args.quick else FULL)
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    setup = Setup(device, time.thread_time if args.clock == "cpu" else time.perf_counter, log)
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     result: dict[str, Any] = {"config": {
         **cfg, "quick": args.quick, "device": str(device), "threads": torch.get_num_threads(),
@@ -545,12 +557,12 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": load,
     }}
     log("benchmarking the memory layer ...")
-    result["memory_layer"] = bench_memory_layer(cfg, device, log)
+    result["memory_layer"] = bench_memory_layer(cfg, setup)
     if args.no_vit:
         result["vit_b16"] = {"available": False, "note": "skipped (--no-vit)"}
     else:
-        result["vit_b16"] = bench_vit(cfg, device, log)
-    result["moe_lora"] = bench_moe_lora(cfg, device, log)
+        result["vit_b16"] = bench_vit(cfg, setup)
+    result["moe_lora"] = bench_moe_lora(cfg, setup)
     result["config"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     result["config"]["seconds"] = time.perf_counter() - started
     print(format_report(result), flush=True)

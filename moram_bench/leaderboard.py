@@ -11,8 +11,9 @@ directory") and writes three files into ``RESULTS_DIR``:
   which columns the row is best in), plus the paper and the unfinished rows (``status``);
 - ``leaderboard.tex``: one booktabs ``table`` per stream table (``\\usepackage{booktabs}``).
 
-If ``RESULTS_DIR/README.md`` contains the markers ``<!-- leaderboard:start -->`` and
-``<!-- leaderboard:end -->`` the tables are also written between them.
+If ``RESULTS_DIR/README.md`` (or each ``--readme FILE``) contains the markers
+``<!-- leaderboard:start -->`` and ``<!-- leaderboard:end -->``, the tables are also
+written between them (files without the markers are left alone).
 
 What is averaged (never runs whose settings differ)
     A *row* averages the runs of one method whose settings are identical except for the
@@ -25,9 +26,12 @@ What is averaged (never runs whose settings differ)
     ``trainer.precision``). Rows of one method that differ in any of these are separate
     rows labelled by what differs, e.g. ``moram (r=8)`` and ``moram (r=16)``.
 
-    A *table* holds the rows that share a stream, a backbone with its weights and the
-    stream's fairness-relevant settings: only numbers measured under one protocol are
-    compared (and marked best) against each other; the table heading states the protocol.
+    A *table* holds the rows that share a stream, a backbone with its weights, the
+    stream's fairness-relevant settings and every other setting outside the methods' own
+    ``method.*`` sub-tree (iterations, batch size, precision, ...): only numbers measured
+    under one protocol are compared (and marked best) against each other. The table
+    heading states the protocol, plus the settings in which it differs from other tables
+    of the same stream.
 
 Numbers
     Scores are on 0-100 and macro-averaged over tasks (PROTOCOLS.md); every metric is
@@ -71,7 +75,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -146,8 +150,16 @@ IGNORED_CONFIG_KEYS = (
 )
 KEPT_CONFIG_KEYS = ("trainer.precision",)  # exceptions to the sub-trees above
 # Stream settings (the stream's recorded ``settings``) that define the protocol.
-STREAM_FAIRNESS_KEYS = ("shots", "few_shot", "templates", "template", "label_space", "order",
-                        "task_order")
+# Stream settings (the stream's recorded ``settings``) that define the protocol: the data
+# a method sees and how it is scored and prompted. Seed-dependent entries (``shot_seed``
+# following the run's seed, ``data_seed``, ``subset_seed``) are deliberately not here.
+STREAM_FAIRNESS_KEYS = (
+    "protocol", "shots", "few_shot", "templates", "template", "label_space", "order", "task_order",
+    "test", "max_test", "max_test_per_domain", "max_train", "domain_id_at_test",
+    "chat_template", "system_prompt", "max_prompt_tokens", "max_answer_tokens", "truncation",
+    "repetition_penalty", "no_repeat_ngram_size", "data_sha256",
+)
+HIDDEN_PROTOCOL_KEYS = ("data_sha256",)  # in the table key (same data), too long to print
 
 
 # ---------------------------------------------------------------- paper reference numbers
@@ -256,6 +268,10 @@ def _weights(backbone_cfg: Any) -> str:
 
 
 def _short_value(v: Any, width: int = 48) -> str:
+    if isinstance(v, dict):
+        if len(v) > 2:
+            return f"{len(v)} values"
+        return _short_value([f"{k}: {x}" for k, x in v.items()], width)
     if isinstance(v, (list, tuple)):
         items = [str(x) for x in v]
         if len(items) > 3:
@@ -333,6 +349,12 @@ class RunRecord:
     @property
     def protocol(self) -> dict[str, Any]:
         return stream_fairness(self.stream_settings)
+
+    @property
+    def setup(self) -> dict[str, Any]:
+        """The comparable config without the method's own sub-tree: stream, backbone,
+        precision, ... (what every row of one table shares)."""
+        return {k: v for k, v in comparable_config(self.config).items() if not k.startswith("method.")}
 
     @property
     def fairness(self) -> dict[str, Any]:
@@ -530,7 +552,9 @@ class Row:
 
 @dataclass
 class Table:
-    """The rows measured under one protocol: stream, backbone + weights, stream settings."""
+    """The rows measured under one protocol: the same stream, backbone, weights, stream
+    settings and every other non-method setting (``setup``); ``distinct`` holds the
+    setup keys in which this table differs from other tables of the same stream."""
 
     stream: str
     modality: str
@@ -541,6 +565,8 @@ class Table:
     metrics: tuple[MetricSpec, ...]
     rows: list[Row]
     references: Optional[dict[str, Any]] = None
+    setup: dict[str, Any] = field(default_factory=dict)
+    distinct: dict[str, Any] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -550,7 +576,10 @@ class Table:
         """One line: backbone, weights, task count and the protocol settings."""
         parts = [f"backbone {self.backbone} ({self.weights})" if self.weights else f"backbone {self.backbone}",
                  f"{len(self.task_names)} tasks ({', '.join(self.task_names)})" if self.task_names else ""]
-        parts += [f"{k.replace('_', ' ')}: {_short_value(v)}" for k, v in self.protocol.items()]
+        parts += [f"{k.replace('_', ' ')}: {_short_value(v)}" for k, v in self.protocol.items()
+                  if k not in HIDDEN_PROTOCOL_KEYS]
+        parts += [f"{k}={_short_value(v, 32)}" for k, v in self.distinct.items()
+                  if not (k.startswith("stream.") and k[len("stream."):] in self.protocol)]
         return "; ".join(p for p in parts if p)
 
 
@@ -615,7 +644,7 @@ def aggregate(runs: Sequence[RunRecord], references: bool = True) -> Leaderboard
 
     tables: dict[str, dict] = {}
     for run in finished:
-        tkey = _canon([run.stream, run.modality, run.backbone, run.weights, run.protocol])
+        tkey = _canon([run.stream, run.modality, run.backbone, run.weights, run.protocol, run.setup])
         t = tables.setdefault(tkey, {"runs": {}, "first": run})
         rkey = _canon([run.method, run.config_key, run.fairness])
         group = t["runs"].setdefault(rkey, [])
@@ -657,11 +686,18 @@ def aggregate(runs: Sequence[RunRecord], references: bool = True) -> Leaderboard
                     unmatched.remove(p)
         table = Table(stream=str(first.stream), modality=first.modality, backbone=str(first.backbone),
                       weights=first.weights, protocol=first.protocol, task_names=first.task_names,
-                      metrics=specs, rows=rows,
+                      metrics=specs, rows=rows, setup=first.setup,
                       references=references_for(str(first.stream)) if references else None)
         _mark_best(table)
         out_tables.append(table)
-    out_tables.sort(key=lambda t: (t.stream, t.backbone, t.weights, _canon(t.protocol)))
+    for stream in {t.stream for t in out_tables}:
+        same = [t for t in out_tables if t.stream == stream]
+        if len(same) > 1:
+            keys = sorted(set().union(*(t.setup for t in same)))
+            differing = [k for k in keys if len({_canon(t.setup.get(k, "<unset>")) for t in same}) > 1]
+            for t in same:
+                t.distinct = {k: t.setup.get(k) for k in differing}
+    out_tables.sort(key=lambda t: (t.stream, t.backbone, t.weights, _canon(t.protocol), _canon(t.setup)))
     problems.sort(key=lambda r: str(r.path))
     return Leaderboard(tables=out_tables, problems=problems, num_runs=len(runs))
 
@@ -742,6 +778,11 @@ def render_markdown(lb: Leaderboard, heading_level: int = 1, source: str = "resu
         lines += ["No finished runs.", ""]
     for table in lb.tables:
         lines += [f"{h}# {table.title}", "", f"*{_md_escape(table.describe())}*", ""]
+        for key, value in table.protocol.items():  # long settings in full, e.g. the templates
+            if key in HIDDEN_PROTOCOL_KEYS or not isinstance(value, (dict, list, tuple)) or len(value) <= 3:
+                continue
+            items = ([f"{k}: {x}" for k, x in value.items()] if isinstance(value, dict) else [str(x) for x in value])
+            lines += [f"{key.replace('_', ' ').capitalize()}: " + "; ".join(f"`{_md_escape(i)}`" for i in items), ""]
         settings_col = _has_settings_column(table)
         header = ["Method"] + (["Settings"] if settings_col else []) + ["Seeds"]
         header += [s.label for s in table.metrics] + [COST_LABELS[k] for k in COST_KEYS]
@@ -918,24 +959,26 @@ def update_readme(path: Path, body: str) -> bool:
 
 
 def write_leaderboard(root: str | os.PathLike, references: bool = True,
-                      readme: Optional[Path] = None) -> tuple[Leaderboard, list[Path]]:
+                      readmes: Optional[Sequence[str | os.PathLike]] = None) -> tuple[Leaderboard, list[Path]]:
     """Collect, aggregate and write ``LEADERBOARD.md``, ``leaderboard.csv`` and
-    ``leaderboard.tex`` into ``root`` (and the README block, see the module docstring).
-    Returns the leaderboard and the paths written."""
+    ``leaderboard.tex`` into ``root``, and the tables into the marked block of each of
+    ``readmes`` (default ``root/README.md``) that has the markers. Returns the
+    leaderboard and the paths written."""
     root = Path(root)
     lb = aggregate(collect_runs(root), references=references)
     source = os.fspath(root)
     written = [M.atomic_write_text(root / "LEADERBOARD.md", render_markdown(lb, source=source)),
                M.atomic_write_text(root / "leaderboard.csv", render_csv(lb)),
                M.atomic_write_text(root / "leaderboard.tex", render_latex(lb))]
-    readme = readme if readme is not None else root / "README.md"
-    if update_readme(readme, render_markdown(lb, heading_level=3, source=source)):
-        written.append(readme)
+    block = render_markdown(lb, heading_level=3, source=source)
+    for readme in (readmes if readmes is not None else [root / "README.md"]):
+        if update_readme(Path(readme), block):
+            written.append(Path(readme))
     return lb, written
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m moram_bench leaderboard [RESULTS_DIR] [--no-references] [--readme FILE]``.
+    """``python -m moram_bench leaderboard [RESULTS_DIR] [--no-references] [--readme FILE ...]``.
 
     Exit codes: 0 written; 1 no run directories found (nothing written, so a committed
     leaderboard is never replaced by an empty one); 2 usage errors."""
@@ -944,8 +987,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                  "from every run directory below RESULTS_DIR.")
     parser.add_argument("results", nargs="?", default="results", help="folder holding run directories (default: results)")
     parser.add_argument("--no-references", action="store_true", help="leave out the paper reference numbers")
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="a Markdown file whose leaderboard markers get the tables (default: RESULTS_DIR/README.md)")
+    parser.add_argument("--readme", action="append", default=None, metavar="FILE",
+                        help="a Markdown file whose leaderboard markers get the tables; repeatable "
+                             "(default: RESULTS_DIR/README.md)")
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:
@@ -958,7 +1002,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: no run directories (run_state.json or metrics.json) below {str(root)!r}; nothing written",
               file=sys.stderr)
         return 1
-    lb, written = write_leaderboard(root, references=not args.no_references, readme=args.readme)
+    lb, written = write_leaderboard(root, references=not args.no_references, readmes=args.readme)
     n_rows = sum(len(t.rows) for t in lb.tables)
     n_runs = sum(r.n for t in lb.tables for r in t.rows)
     print(f"leaderboard: {len(lb.tables)} table(s), {n_rows} row(s) from {n_runs} finished run(s)"

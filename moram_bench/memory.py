@@ -34,15 +34,19 @@ A call then does:
 1. one matmul ``P = x @ K[:N]^T`` (the key projection, unavoidable);
 2. the norm and the top-k of each row of ``P`` (top-k of ``z`` equals top-k of ``p``, the
    norm being a positive per-token scalar), the softmax and the gate on the k selected only;
-3. the value product on the selected atoms only, ``F.embedding_bag(idx, V, coefficients)``,
-   which computes ``sum_j c_j V[idx_j]`` without materialising ``(tokens, k, d_out)``.
+3. ``y0`` plus the value product on the selected atoms only:
+   ``F.embedding_bag(idx, V, coefficients)`` computes ``sum_j c_j V[idx_j]`` without
+   materialising ``(tokens, k, d_out)``. When ``N <= dense_max_ratio * k`` (a memory of a
+   few tasks) one ``addmm`` over all ``N`` atoms is faster and is used instead.
 
 Training uses a custom autograd function with the same forward and a hand-derived backward
-that never forms a dense ``N``-wide gradient product: the gradient of ``p`` is the sparse
-top-k part plus a multiple of ``p`` itself (from the norm), so
-``dL/dx = sum_j dp_j a_{idx_j} + c * A^T p``; ``A^T p`` is computed as ``(c p) @ A`` when
-``N <= d_in`` and as ``x @ (A_f^T A_f) + p_cur @ A_cur`` with a cached Gram matrix of the
-frozen keys when ``N > d_in``. Gradients reach only the current atoms (and ``x``).
+that never forms a dense ``N``-wide gradient product (beyond ``N <= dense_max_ratio * k``):
+the gradient of ``p`` is the sparse top-k part plus a multiple of ``p`` itself (from the
+norm), so ``dL/dx = sum_j dp_j a_{idx_j} + c * A^T p``. ``A^T p`` is ``(c p) @ A`` with the
+saved ``p`` when ``n_frozen <= d_in``, and ``x @ (A_f^T A_f) + p_cur @ A_cur`` otherwise,
+with the frozen keys' Gram matrix (``d_in x d_in``, rebuilt from scratch at most once per
+task, when first needed), which also spares saving the ``(tokens, N)`` projections.
+Gradients reach only the current atoms (and ``x``, ``y0``).
 
 Precision. The memory computes in the dtype of its stores (float32 unless the module is
 cast), with autocast disabled: with ``tau = 0.01`` the routing logits ``z / tau`` would
@@ -70,7 +74,6 @@ every training step, so use ``broadcast_buffers=False`` with this layer.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -180,17 +183,20 @@ class _MemoryRead(torch.autograd.Function):
         y = _bag(idx, coef, val_store, dense, acc=y0)
         mem._record(idx, w, gate)
 
-        use_gram = mem._gram is not None     # cached while n_frozen > d_in
-        # Keep p for the backward only if A^T p is computed from it (N <= d_in); with the
-        # Gram matrix only the current atoms' columns are needed.
-        p_keep = p[:, n_frozen:].contiguous() if use_gram else p
+        # The input gradient needs A^T p: from the saved p when N <= d_in, from the frozen
+        # keys' Gram matrix (d_in x d_in, cheaper) otherwise; the current atoms' gradients
+        # need only p's current columns.
+        need_x = ctx.needs_input_grad[0]
+        use_gram = need_x and n_frozen > mem.d_in
+        keep_all = need_x and not use_gram
+        p_keep = p if keep_all else p[:, n_frozen:].contiguous()
         ctx.save_for_backward(x, keys, values, idx, pv, n, norm, zs, u, w, coef, p_keep,
                               gate if gate is not None else torch.empty(0, dtype=torch.bool))
         # Stores are not inputs: kept on ctx (their tails are rewritten with the same
         # values by later calls, which must not trip the saved-tensor version check).
         ctx.key_store, ctx.val_store = key_store, val_store
-        ctx.gram = mem._gram if use_gram else None
-        ctx.use_gram, ctx.dense, ctx.n_frozen = use_gram, dense, n_frozen
+        ctx.gram = mem._frozen_gram() if use_gram else None
+        ctx.keep_all, ctx.dense, ctx.n_frozen = keep_all, dense, n_frozen
         ctx.tau, ctx.scale, ctx.eps, ctx.has_gate = mem.tau, mem.scale, mem.eps, gate is not None
         return y
 
@@ -225,10 +231,10 @@ class _MemoryRead(torch.autograd.Function):
         c = torch.where(norm >= ctx.eps, dn / n, torch.zeros_like(dn))
         # In all:  dL/dp = scatter(idx, dpv) + c * p   (sparse + a multiple of p).
 
-        p_cur = p_keep if ctx.use_gram else p_keep[:, n_frozen:]
+        p_cur = p_keep[:, n_frozen:] if ctx.keep_all else p_keep
         if need_x:
             # dL/dx = A^T dL/dp = sum_j dpv_j a_{idx_j} + c * A^T p
-            if ctx.use_gram:
+            if ctx.gram is not None:
                 grad_x = _bag(idx, dpv, key_store, dense)
                 a_t_p = torch.mm(x, ctx.gram)          # A_f^T A_f x
                 if p_cur.shape[1]:
@@ -311,8 +317,10 @@ class RankOneMemory(nn.Module):
         # [N, capacity) spare. Value rows hold s_i * b_i.
         self.register_buffer("_key_store", torch.empty(0, d_in), persistent=False)
         self.register_buffer("_val_store", torch.empty(0, d_out), persistent=False)
-        # A_f^T A_f of the frozen keys, kept only while n_frozen > d_in (training backward).
+        # A_f^T A_f of the frozen keys: built on first use by a training backward with
+        # n_frozen > d_in (see _frozen_gram), None until then.
         self.register_buffer("_gram", None, persistent=False)
+        self._gram_stale = True
         self.register_buffer("routing_mass", torch.zeros(0, dtype=torch.float64),
                              persistent=False)
         self.register_buffer("routing_tokens", torch.zeros((), dtype=torch.int64),
@@ -404,7 +412,7 @@ class RankOneMemory(nn.Module):
         self.keys = None
         self.values = None
         self._n_frozen = hi
-        self._refresh_gram()
+        self._gram_stale = True
 
     @torch.no_grad()
     def grow(self, r: int) -> None:
@@ -429,13 +437,16 @@ class RankOneMemory(nn.Module):
                                        self.routing_mass.new_zeros(r)])
         self._sync_current()
 
-    def _refresh_gram(self) -> None:
-        """Recompute (or drop) the frozen keys' Gram matrix used by the training backward."""
-        if self._n_frozen > self.d_in:
+    @torch.no_grad()
+    def _frozen_gram(self) -> torch.Tensor:
+        """``A_f^T A_f`` of the frozen keys (``d_in x d_in``), for the training backward when
+        ``n_frozen > d_in``. Computed on first use after the frozen atoms change (at most once
+        per task), always from scratch, so it does not depend on the growth history."""
+        if self._gram is None or self._gram_stale:
             kf = self._key_store[:self._n_frozen]
             self._gram = kf.t() @ kf
-        else:
-            self._gram = None
+            self._gram_stale = False
+        return self._gram
 
     # ---------------------------------------------------------------------- routing stats
 
@@ -576,5 +587,5 @@ class RankOneMemory(nn.Module):
                 self._key_store[:nf].copy_(loaded["frozen_keys"])
             if "frozen_values" in loaded:
                 self._val_store[:nf].copy_(loaded["frozen_values"].t())
-            self._refresh_gram()
+            self._gram_stale = True
             self._sync_current()

@@ -59,6 +59,7 @@ __all__ = [
     "supports_routing",
     "RoutingResult",
     "RoutingRecorder",
+    "shares_from_mass",
     "routing_report",
     "routing_matrix",
     "write_routing_report",
@@ -247,7 +248,8 @@ def write_routing_report(out_dir: str | os.PathLike, matrix: Any, task_names: Se
                          title: Optional[str] = None) -> list[Path]:
     """Write ``routing.csv``, ``routing.png`` and ``routing.json`` into ``out_dir``
     (atomically); returns their paths. ``stats``: a :class:`RoutingResult` or its
-    :meth:`RoutingResult.stats` dict, stored in ``routing.json``."""
+    :meth:`RoutingResult.stats` dict, stored in ``routing.json``; ``title``: the
+    picture's title (default "Routing share")."""
     out = Path(out_dir)
     arr = np.asarray(matrix, dtype=np.float64)
     names = [str(n) for n in task_names]
@@ -263,8 +265,7 @@ def write_routing_report(out_dir: str | os.PathLike, matrix: Any, task_names: Se
     paths = [atomic_write_text(out / "routing.csv", buf.getvalue())]
     from .plots import routing_png
 
-    paths.append(routing_png(arr, names, out / "routing.png",
-                             title=title or "Routing share: test domain (rows) -> atoms/experts of task (columns)"))
+    paths.append(routing_png(arr, names, out / "routing.png", title=title))
     diag = np.diag(arr)
     paths.append(atomic_write_json(out / "routing.json", {
         "orientation": ORIENTATION, "task_names": names, "matrix": arr.tolist(),

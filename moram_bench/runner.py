@@ -154,6 +154,18 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output_dir {str(out)!r} is not writable: {e.strerror or e}") from None
 
 
+RUN_FILES = ("matrix.csv", "metrics.json", STATE, CHECKPOINT, "heatmap.png", "curve.png", "routing.csv", "routing.png")
+
+
+def clear_run_files(out: Path) -> None:
+    """overwrite=true: remove what an earlier run wrote here (and nothing else)."""
+    import shutil
+
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+
+
 def prepare_output_dir(cfg: DictConfig, out: Path) -> dict | None:
     """Decide between a fresh run, a resume (returns the checkpoint) or refusing."""
     import json
@@ -168,6 +180,8 @@ def prepare_output_dir(cfg: DictConfig, out: Path) -> dict | None:
     except (OSError, ValueError) as e:
         raise ConfigError(f"{state_path} is unreadable ({e}); use another output_dir or overwrite=true") from None
     if cfg.overwrite:
+        if is_rank_zero():
+            clear_run_files(out)
         return None
     if state.get("config_hash") != config_hash(cfg):
         theirs = state.get("config", {})
@@ -263,6 +277,12 @@ def run(cfg: DictConfig) -> Path | None:
     out = default_output_dir(cfg)
     check_trainer_config(cfg)
     registry.METHODS[cfg.method.name].validate_config(cfg.method)
+    from .check_data import require_data
+
+    try:
+        require_data(cfg)  # real streams: every domain's files present before any work
+    except StreamError as e:
+        raise ConfigError(str(e)) from None
     set_threads(cfg)
     resume = prepare_output_dir(cfg, out)
     if resume and resume.get("finished"):

@@ -42,14 +42,15 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from .config import ConfigError, config_hash, resolve_config
 from . import metrics as M
 
-__all__ = ["GridPoint", "split_values", "expand_grid", "plan_sweep", "run_sweep", "main"]
+__all__ = ["GridPoint", "split_values", "expand_grid", "needs_subprocess", "plan_sweep", "run_sweep",
+           "run_in_process", "run_subprocess", "SubprocessFailed", "main"]
 
 NAMED_AXES = ("method", "stream", "seed")
 USAGE_ERROR = 2

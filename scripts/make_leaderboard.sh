@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the committed leaderboard of the embedded streams (results/LEADERBOARD.md,
-# results/leaderboard.csv, results/leaderboard.tex and the block in results/README.md):
+# results/leaderboard.csv, results/leaderboard.tex, and the block between the
+# <!-- leaderboard:start/end --> markers of results/README.md and README.md):
 #
 #   1. a sweep of every image method x seeds 0,1,2 on xtail-mini, with each method's
 #      default settings (run directories in results/runs/, not committed);
@@ -34,5 +35,5 @@ if [[ $status -eq 2 || $status -eq 130 ]]; then
   exit "$status"  # the grid was invalid, or interrupted: nothing new to tabulate
 fi
 # failed runs (status 1) are listed as unfinished in the leaderboard, never dropped
-"$PYTHON" -m moram_bench leaderboard results
+"$PYTHON" -m moram_bench leaderboard results --readme results/README.md --readme README.md
 exit "$status"

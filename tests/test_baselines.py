@@ -366,7 +366,7 @@ def test_fit_end_to_end_writes_the_matrix(tmp_path, method):
 
     out = tmp_path / "run"
     assert main(["fit", *tiny_overrides(out, f"method={method}", "stream.iterations=2", "stream.test_per_class=3",
-                                        "stream.shots=4")]) == 0
+                                        "stream.shots=4", "trainer.num_threads=1")]) == 0
     with open(out / "matrix.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["after_task", "task1", "task2", "task3"] and len(rows) == 5

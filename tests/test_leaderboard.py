@@ -2,7 +2,6 @@
 marking, grouping by settings, unfinished and unreadable runs listed, the three files."""
 import csv
 import io
-import json
 import math
 
 import numpy as np
@@ -25,13 +24,14 @@ NAMES = ["alpha", "beta"]
 
 def make_run(root, method, seed, R, *, stream="xtail-mini", finished=True, r=16, shots=16,
              trainable=(100, 100), params_added=200, train_s=10.0, eval_s=2.0, method_settings=None,
-             modality="image", backbone="mini-clip", subdir=None, rows_written=None):
+             modality="image", backbone="mini-clip", subdir=None, rows_written=None, iterations=500):
     """Write a run directory the way the runner does (matrix.csv, run_state.json, metrics.json)."""
     out = root / "runs" / stream / method / (subdir or f"seed{seed}")
     R = np.asarray(R, dtype=float)
     T = R.shape[1]
     method_cfg = {"name": method} if method == "zeroshot" else {"name": method, "r": r, "optim": {"lr": 5e-4}}
-    config = {"method": method_cfg, "stream": {"name": stream, "modality": modality, "shots": shots},
+    config = {"method": method_cfg,
+              "stream": {"name": stream, "modality": modality, "shots": shots, "iterations": iterations},
               "backbone": {"name": backbone, "pretrained": "/home/someone/weights/mini.pt"},
               "seed": seed, "output_dir": str(out), "overwrite": False, "cache_dir": None, "data_dir": "/data",
               "trainer": {"devices": 1, "accelerator": "cpu", "precision": "32-true"},
@@ -168,6 +168,18 @@ def test_fairness_settings_split_rows_and_tables(tmp_path):
     assert lb.tables[1].rows[0].mean["last"] == pytest.approx(62.5)
 
 
+def test_other_stream_settings_make_another_table(tmp_path):
+    # seq-lora trained 10x shorter than moram is not compared against it in one table
+    make_run(tmp_path, "moram", 0, MORAM[0][0])
+    make_run(tmp_path, "seq-lora", 0, SEQ_LORA)
+    make_run(tmp_path, "seq-lora", 1, SEQ_LORA, iterations=50)
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    assert [[r.label for r in t.rows] for t in lb.tables] == [["seq-lora"], ["moram", "seq-lora"]]
+    assert [t.distinct for t in lb.tables] == [{"stream.iterations": 50}, {"stream.iterations": 500}]
+    md = L.render_markdown(lb)
+    assert "a photo of a {}.; stream.iterations=50*" in md and "a photo of a {}.; stream.iterations=500*" in md
+
+
 def test_unfinished_unreadable_and_duplicate_runs_are_listed(results):
     # interrupted after task 1 of 2: run_state finished false, 2 of 3 matrix rows
     make_run(results, "moram", 3, MORAM[0][0], finished=False, rows_written=2)
@@ -270,6 +282,12 @@ def test_cli_writes_the_three_files_and_the_readme_block(results, capsys):
     before = {n: (results / n).read_bytes() for n in ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.tex")}
     assert L.main([str(results)]) == 0
     assert before == {n: (results / n).read_bytes() for n in before}
+    # other READMEs: only those with the markers are touched
+    top, plain = results / "top.md", results / "plain.md"
+    top.write_text("<!-- leaderboard:start --><!-- leaderboard:end -->")
+    plain.write_text("no markers")
+    assert L.main([str(results), "--readme", str(top), "--readme", str(plain)]) == 0
+    assert "**73.00 ± 3.61**" in top.read_text() and plain.read_text() == "no markers"
 
 
 def test_cli_errors(tmp_path, capsys):

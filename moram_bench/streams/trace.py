@@ -87,7 +87,10 @@ def build_trace(cfg) -> Stream:
             raise StreamError(f"missing task folder {root / name} (expected train.json, eval.json and test.json "
                               f"with {PAIR})")
         splits = load_task_folder(folder, name, cache)
-        epochs = None if s.get("epochs") is not None else per_task(s.get("task_epochs"), name, TRACE_TASKS, TRACE_EPOCHS[name])
+        # per-task epochs unless `epochs` (one value) is set or `task_epochs` is null (iterations)
+        epochs = None
+        if s.get("epochs") is None and s.get("task_epochs") is not None:
+            epochs = per_task(s.get("task_epochs"), name, TRACE_TASKS, TRACE_EPOCHS[name])
         tasks.append(Task(name=name, train=capped(splits["train"], s.get("max_train"), seed + 2 * i),
                           test=capped(splits["test"], s.get("max_test"), seed + 2 * i + 1),
                           scorer=TRACE_SCORERS[name],
