@@ -54,7 +54,7 @@ from moram_bench.adapters.prompts import (PromptPool, Selection, VisionPromptHoo
                                           is_hf_text_tower, is_vision_transformer, unique_selections)
 from moram_bench.config import ConfigError
 from moram_bench.method import ContinualModule
-from moram_bench.protocols.clip import ClipProtocol
+from moram_bench.protocols.clip import ClipProtocol, gather_with_grad
 from moram_bench.registry import register_method
 
 PLACEMENTS = ("auto", "image", "text")
@@ -99,6 +99,20 @@ class PromptedClipProtocol(ClipProtocol):
         text, inv = self.prompted_text(sel.idx, tokens)
         return torch.einsum("be,bce->bc", img, text[inv]), img
 
+    @staticmethod
+    def clip_loss_from_logits(logits: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """``ClipProtocol.loss``'s objective from per-sample logits (B_local, C_t): mean
+        over the GLOBAL batch of image->text CE plus text->image CE, where the text side
+        scores sample i's class against every image j of the global batch by image j's
+        OWN logit for that class. Under DDP the logits are gathered with autograd and each
+        rank returns ``world * (its rows' sum) / global_batch`` (as ``ClipProtocol.loss``)."""
+        all_logits, offset, world = gather_with_grad(logits)
+        ce_img = F.cross_entropy(logits, local, reduction="sum")
+        txt_logits = all_logits[:, local].t()                    # (B_local, B_global)
+        targets = torch.arange(len(local), device=logits.device) + offset
+        ce_txt = F.cross_entropy(txt_logits, targets, reduction="sum")
+        return world * (ce_img + ce_txt) / all_logits.shape[0]
+
     # ---- protocol ---------------------------------------------------------------------------
     def loss(self, batch: dict, task: int):
         if not self.m.prompting:  # before the first task: the plain frozen CLIP
@@ -112,9 +126,8 @@ class PromptedClipProtocol(ClipProtocol):
             local = batch["label"] - t.label_offset
             tokens = self.backbone.tokenize(t.prompts()).to(self.m.device)
             cos, img = self._text_logits(batch, sel, tokens)
-            logits = self.logit_scale() * cos                     # (B, C_t)
-            loss = F.cross_entropy(logits, local)
-            loss = loss + F.cross_entropy(logits[:, local].t(), torch.arange(len(local), device=logits.device))
+            logits = self.logit_scale() * cos                     # (B_local, C_t)
+            loss = self.clip_loss_from_logits(logits, local)
             out = {"image_emb": img, "logits": logits}
         out["prompt_sim"] = sel.sim
         return loss, out

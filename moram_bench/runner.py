@@ -38,6 +38,7 @@ from .callbacks import AccuracyMatrixCallback
 from .config import ConfigError, comparable, config_hash, default_output_dir
 from .data import TaskStreamDataModule
 from .method import NonFiniteLossError  # noqa: F401  (re-exported for the CLI)
+from .routing import RoutingRecorder, supports_routing, write_routing_report
 from .streams.base import Stream, StreamError
 
 CHECKPOINT = "checkpoint.pt"
@@ -154,7 +155,7 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output_dir {str(out)!r} is not writable: {e.strerror or e}") from None
 
 
-RUN_FILES = ("matrix.csv", "metrics.json", STATE, CHECKPOINT, "heatmap.png", "curve.png", "routing.csv", "routing.png")
+RUN_FILES = ("matrix.csv", "metrics.json", STATE, CHECKPOINT, "heatmap.png", "curve.png", "routing.csv", "routing.png", "routing.json")
 
 
 def clear_run_files(out: Path) -> None:
@@ -257,9 +258,9 @@ class Run:
         exp.flush()
 
 
-def evaluate(cfg, out, module, dm, run: Run, tag: str) -> list[float]:
+def evaluate(cfg, out, module, dm, run: Run, tag: str, extra_callbacks: tuple = ()) -> list[float]:
     cb = AccuracyMatrixCallback(len(run.stream))
-    trainer = make_trainer(cfg, out, [cb], max_steps=-1, tag=tag)
+    trainer = make_trainer(cfg, out, [cb, *extra_callbacks], max_steps=-1, tag=tag)
     start = time.time()
     trainer.test(module, datamodule=dm, verbose=False)
     run.eval_seconds += time.time() - start
@@ -352,7 +353,12 @@ def run(cfg: DictConfig) -> Path | None:
             trainer.fit(module, datamodule=dm)
             run_state.train_seconds += time.time() - start
         module.end_task(t)
-        row = evaluate(cfg, out, module, dm, run_state, tag=f"task{t + 1}_eval")
+        # after the last task, the same evaluation pass also records the routing report
+        recorder = RoutingRecorder(T) if t == T - 1 and supports_routing(module) else None
+        row = evaluate(cfg, out, module, dm, run_state, tag=f"task{t + 1}_eval",
+                       extra_callbacks=(recorder,) if recorder else ())
+        if recorder is not None and recorder.result is not None and is_rank_zero():
+            write_routing_report(out, recorder.result.matrix, stream.task_names, recorder.result)
         seen = row[: t + 1]
         say(f"after task {t + 1}: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(stream.task_names, row))
             + f" | avg over seen tasks {sum(seen) / len(seen):.2f}")

@@ -26,6 +26,7 @@ def build(method: str, *overrides: str, backbone=None):
     stream = build_stream(cfg)
     bb = backbone if backbone is not None else build_backbone(cfg)
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny models: threads only spin (conftest restores the setting)
     module = registry.METHODS[method](cfg, stream, bb)
     module.stream_data = TaskStreamDataModule(stream, 8, [2] * len(stream), 0, transform=bb.preprocess)
     return module
@@ -254,6 +255,10 @@ def test_l2p_text_placement_scores_each_image_with_its_own_prompts():
     m.train()
     loss, out = m.protocol.loss(batch, 0)
     assert out["logits"].shape == (5, 3) and torch.isfinite(loss)
+    # the per-sample-logit loss is the CLIP protocol's loss (checked on un-prompted logits)
+    m.prompting = False
+    plain, plain_out = m.protocol.loss(batch, 0)
+    assert torch.allclose(m.protocol.clip_loss_from_logits(plain_out["logits"], batch["label"]), plain)
 
 
 # ------------------------------------------------------------------------------------ InfLoRA

@@ -49,6 +49,12 @@ def test_fit_writes_the_run_directory(tmp_path, method):
         assert m["train_seconds"] > 0
         assert not np.allclose(R[1:], R[0])
     assert not (out / "checkpoint.pt").exists()
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if method == "moram":  # a routing method: the routing matrix after the last task
+        from moram_bench.routing import read_routing_csv
+
+        shares, names = read_routing_csv(out / "routing.csv")
+        assert shares.shape == (3, 3) and names == ["task1", "task2", "task3"]
 
 
 def test_per_task_scalars_do_not_overwrite(tmp_path):

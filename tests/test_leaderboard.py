@@ -22,7 +22,7 @@ ZEROSHOT = [[10, 35], [10, 35], [10, 35]]  # 22.5, 22.5, 35, 16.25, 0, 0
 NAMES = ["alpha", "beta"]
 
 
-def make_run(root, method, seed, R, *, stream="xtail-mini", finished=True, r=16, shots=16,
+def make_run(root, method, seed, R, *, stream="xtail-mini", finished=True, r=16, shots=16, stream_settings=None,
              trainable=(100, 100), params_added=200, train_s=10.0, eval_s=2.0, method_settings=None,
              modality="image", backbone="mini-clip", subdir=None, rows_written=None, iterations=500):
     """Write a run directory the way the runner does (matrix.csv, run_state.json, metrics.json)."""
@@ -48,7 +48,8 @@ def make_run(root, method, seed, R, *, stream="xtail-mini", finished=True, r=16,
                     "task_names": NAMES[:T], "matrix": R.tolist(), "train_seconds": train_s,
                     "eval_seconds": eval_s, "setup_seconds": 1.0,
                     "trainable_params_per_task": list(trainable), "params_added": params_added,
-                    "stream_settings": {"shots": shots, "templates": ["a photo of a {}."], "data_seed": seed},
+                    "stream_settings": stream_settings or {"shots": shots, "templates": ["a photo of a {}."],
+                                                           "data_seed": seed},
                     "method_settings": method_settings or {}, "config": config, "versions": {},
                     "finished": True})
         M.atomic_write_json(out / "metrics.json", met)
@@ -297,3 +298,22 @@ def test_cli_errors(tmp_path, capsys):
     assert "no run directories" in capsys.readouterr().err
     assert not (tmp_path / "LEADERBOARD.md").exists()
     assert L.main(["--bogus"]) == 2
+
+
+def test_protocol_settings_shown_and_seed_dependent_ones_ignored(tmp_path):
+    templates = {d: f"a photo of a {{}}, from {d}." for d in ("d1", "d2", "d3", "d4")}
+    for seed in (0, 1):
+        settings = {"protocol": "X-TAIL (embedded mini)", "shots": 16, "shot_seed": seed, "test": "full",
+                    "templates": templates, "data_sha256": {"d1.npz": "ab12"}, "per_domain": {"d1": {"seed": seed}}}
+        make_run(tmp_path, "moram", seed, MORAM[seed][0], stream_settings=settings)
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    (table,) = lb.tables  # shot_seed follows the run's seed: still one table, one row of 2 seeds
+    assert table.rows[0].n == 2
+    md = L.render_markdown(lb)
+    assert "protocol: X-TAIL (embedded mini); shots: 16; templates: 4 values; test: full*" in md
+    assert "Templates: `d1: a photo of a {}, from d1.`; `d2: a photo of a {}, from d2.`;" in md
+    assert "ab12" not in md and "shot seed" not in md
+    # other data (another hash) is another protocol
+    settings["data_sha256"] = {"d1.npz": "cd34"}
+    make_run(tmp_path, "moram", 2, MORAM[2][0], stream_settings=settings)
+    assert len(L.aggregate(L.collect_runs(tmp_path)).tables) == 2

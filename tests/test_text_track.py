@@ -219,7 +219,7 @@ def test_trace_loader_errors_are_one_line_and_name_the_path(tmp_path):
     msg = str(e.value)
     assert msg.startswith("malformed JSON in ") and "FOMC/test.json" in msg and "expected" in msg and "\n" not in msg
     write_json(root / "FOMC" / "test.json", [{"prompt": "a", "output": "b"}])
-    with pytest.raises(StreamError, match=r"test\.json has no field 'answer'"):
+    with pytest.raises(StreamError, match=r"test\.json: no field 'answer'"):
         build_trace(run_cfg("trace", root, tasks="[FOMC]"))
     with pytest.raises(StreamError, match="unknown task 'nope'"):
         build_trace(run_cfg("trace", root, tasks="[nope]"))
@@ -256,7 +256,7 @@ def test_olora_loader_errors(tmp_path):
         build_olora(run_cfg("olora-order1", root, tasks="[dbpedia]"), 1)
     write_json(folder / "labels.json", ["world", "sports", "sci/tech"])
     write_json(folder / "test.json", [{"text": "x", "label": "world"}])
-    with pytest.raises(StreamError, match=r"dbpedia/test\.json has no field 'sentence'"):
+    with pytest.raises(StreamError, match=r"dbpedia/test\.json: no field 'sentence'"):
         build_olora(run_cfg("olora-order1", root, tasks="[dbpedia]"), 1)
 
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..check_data import register_data_check
 from ..protocols.text import text_settings
 from ..registry import register_stream
 from .base import Stream, StreamError, Task
-from .textdata import (TextPairs, capped, find_child, hf_cache_dir, read_json_list, read_json_records,
-                       require_data_dir, select_tasks)
+from .textdata import (TextPairs, capped, find_child, hf_cache_dir, malformed, missing, read_json_list,
+                       read_json_records, require_data_dir, select_tasks)
 
 OLORA_ORDERS: dict[int, tuple[str, ...]] = {
     1: ("dbpedia", "amazon", "yahoo", "agnews"),
@@ -66,7 +67,7 @@ def find_task_folder(root: Path, name: str) -> Path:
         hit = find_child(kind, name)
         if hit is not None:
             return hit
-    raise StreamError(f"missing task folder {bench}/<type>/{name} (expected {LAYOUT})")
+    raise missing(f"{bench}/<type>/{name}", "task folder", LAYOUT)
 
 
 def load_olora_task(folder: Path, name: str, instruction: str, cache_dir=None) -> tuple[dict[str, TextPairs], list[str]]:
@@ -77,10 +78,11 @@ def load_olora_task(folder: Path, name: str, instruction: str, cache_dir=None) -
         path = folder / f"{split}.json"
         cols = read_json_records(path, ("sentence", "label"), RECORD, cache_dir)
         if not cols["sentence"]:
-            raise StreamError(f"{path} holds no records (expected {RECORD})")
+            raise malformed(path, "no records", RECORD)
         unknown = sorted({str(l) for l in cols["label"]} - set(labels))
         if unknown:
-            raise StreamError(f"{path}: label {unknown[0]!r} is not in {folder / 'labels.json'}")
+            raise malformed(path, f"label {unknown[0]!r} is not in {folder / 'labels.json'}",
+                            "labels listed in labels.json")
         prompts = [format_input(instruction, labels, str(s)) for s in cols["sentence"]]
         out[split] = TextPairs(prompts, [str(l) for l in cols["label"]])
     return out, labels
@@ -109,9 +111,32 @@ def build_olora(cfg, order: int) -> Stream:
     return Stream(name=name, modality="text", tasks=tasks, settings=settings)
 
 
+def check_olora(cfg, order: int) -> list:
+    """check-data for an O-LoRA order: every task folder, labels.json, train/test files."""
+    from .trace import report_task
+
+    root = Path(str(cfg.data_dir)).expanduser()
+    cache = hf_cache_dir(cfg)
+    custom = dict(cfg.stream.get("instructions") or {})
+
+    def loader(task):
+        def load():
+            folder = find_task_folder(root, task)
+            return folder, load_olora_task(folder, task, str(custom.get(task, OLORA_INSTRUCTIONS[task])), cache)[0]
+        return load
+
+    return [report_task(t, loader(t)) for t in select_tasks(OLORA_ORDERS[order], cfg.stream.get("tasks"),
+                                                            f"olora-order{order}")]
+
+
 def _register(order: int) -> None:
     def build(cfg) -> Stream:
         return build_olora(cfg, order)
+
+    def check(cfg, verify_images: bool = False) -> list:
+        return check_olora(cfg, order)
+
+    register_data_check(f"olora-order{order}")(check)
 
     build.__doc__ = (f"O-LoRA order {order} ({len(OLORA_ORDERS[order])} tasks: "
                      f"{', '.join(OLORA_ORDERS[order][:4])}{', ...' if len(OLORA_ORDERS[order]) > 4 else ''}) from data_dir")

@@ -17,6 +17,32 @@ import torch
 from .base import StreamError
 
 
+class DataFileError(StreamError):
+    """A missing or malformed data file or folder. ``str()`` is the one-line message; for
+    check-data, ``kind`` is "missing" or "malformed", ``path`` the file/folder at fault and
+    ``detail`` the message without the path."""
+
+    def __init__(self, message: str, kind: str, path, detail: str):
+        super().__init__(message)
+        self.kind, self.path, self.detail = kind, str(path), detail
+
+
+def missing(path, what: str, expected: str) -> DataFileError:
+    """``missing <what> <path> (expected <expected>)``."""
+    return DataFileError(f"missing {what} {path} (expected {expected})", "missing", path,
+                         f"{what} not found (expected {expected})")
+
+
+def malformed(path, problem: str, expected: str) -> DataFileError:
+    """``<path>: <problem> (expected <expected>)``; JSON syntax problems read
+    ``malformed JSON in <path>: <parser message> (expected ...)``."""
+    if problem.startswith("malformed JSON: "):
+        message = f"malformed JSON in {path}: {problem[len('malformed JSON: '):]} (expected {expected})"
+    else:
+        message = f"{path}: {problem} (expected {expected})"
+    return DataFileError(message, "malformed", path, f"{problem} (expected {expected})")
+
+
 class TextPairs(torch.utils.data.Dataset):
     """Prompt/answer pairs held as two lists; items are ``{"prompt", "answer"}``."""
 
@@ -60,24 +86,23 @@ def read_json_records(path: Path, fields: Sequence[str], what: str, cache_dir: s
     """
     path = Path(path)
     if not path.is_file():
-        raise StreamError(f"missing file {path} (expected {what})")
+        raise missing(path, "file", what)
     if path.stat().st_size == 0:
-        raise StreamError(f"empty file {path} (expected {what})")
+        raise malformed(path, "empty file", what)
     import datasets
 
     datasets.disable_progress_bars()
     try:
         ds = datasets.Dataset.from_json(str(path), cache_dir=cache_dir, keep_in_memory=True)
     except Exception as e:  # datasets wraps pyarrow's parse errors in its own exceptions
-        raise StreamError(f"malformed JSON in {path}: {_first_line(e)} (expected {what})") from None
-    missing = [f for f in fields if f not in ds.column_names]
-    if missing:
-        raise StreamError(f"{path} has no field {missing[0]!r} (expected {what}; found fields: "
-                          f"{', '.join(ds.column_names) or 'none'})")
+        raise malformed(path, f"malformed JSON: {_first_line(e)}", what) from None
+    absent = [f for f in fields if f not in ds.column_names]
+    if absent:
+        raise malformed(path, f"no field {absent[0]!r} (found: {', '.join(ds.column_names) or 'none'})", what)
     out = {f: ds[f] for f in fields}
     for f, col in out.items():
         if any(v is None for v in col):
-            raise StreamError(f"{path}: some records have no {f!r} value (expected {what})")
+            raise malformed(path, f"some records have no {f!r} value", what)
     return out
 
 
@@ -87,13 +112,13 @@ def read_json_list(path: Path, what: str) -> list:
 
     path = Path(path)
     if not path.is_file():
-        raise StreamError(f"missing file {path} (expected {what})")
+        raise missing(path, "file", what)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise StreamError(f"malformed JSON in {path}: {str(e).splitlines()[0]} (expected {what})") from None
+        raise malformed(path, f"malformed JSON: {str(e).splitlines()[0]}", what) from None
     if not isinstance(value, list) or not value:
-        raise StreamError(f"{path} must hold a non-empty JSON list (expected {what})")
+        raise malformed(path, "not a non-empty JSON list", what)
     return value
 
 

@@ -18,10 +18,14 @@ splits with a fixed-seed subset (``stream.subset_seed``), identical for every me
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..check_data import DomainReport, register_data_check
 from ..protocols.text import text_settings
 from ..registry import register_stream
 from .base import Stream, StreamError, Task
-from .textdata import TextPairs, capped, find_child, hf_cache_dir, read_json_records, require_data_dir, select_tasks
+from .textdata import (DataFileError, TextPairs, capped, find_child, hf_cache_dir, malformed, missing, read_json_records,
+                       require_data_dir, select_tasks)
 
 TRACE_TASKS = ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten")
 TRACE_SCORERS = {"C-STANCE": "option_letter", "FOMC": "option_letter", "MeetingBank": "rouge_l",
@@ -44,9 +48,17 @@ def load_task_folder(folder, name: str, cache_dir=None, splits=("train", "test")
     for split in splits:
         ds = read_pairs(folder / f"{split}.json", cache_dir)
         if len(ds) == 0:
-            raise StreamError(f"{folder / f'{split}.json'} holds no records (expected {PAIR})")
+            raise malformed(folder / f"{split}.json", "no records", PAIR)
         out[split] = ds
     return out
+
+
+def find_task_folder(root, name: str):
+    """``root/name`` (case-insensitive) or a DataFileError."""
+    folder = find_child(root, name)
+    if folder is None:
+        raise missing(root / name, "task folder", f"train.json, eval.json and test.json with {PAIR}")
+    return folder
 
 
 def per_task(value, name: str, order, default):
@@ -82,10 +94,7 @@ def build_trace(cfg) -> Stream:
     seed = int(s.get("subset_seed", 0) or 0)
     tasks = []
     for i, name in enumerate(names):
-        folder = find_child(root, name)
-        if folder is None:
-            raise StreamError(f"missing task folder {root / name} (expected train.json, eval.json and test.json "
-                              f"with {PAIR})")
+        folder = find_task_folder(root, name)
         splits = load_task_folder(folder, name, cache)
         # per-task epochs unless `epochs` (one value) is set or `task_epochs` is null (iterations)
         epochs = None
@@ -100,3 +109,27 @@ def build_trace(cfg) -> Stream:
     settings = text_settings(s)
     settings.update(data_dir=str(root), max_train=s.get("max_train"), max_test=s.get("max_test"), subset_seed=seed)
     return Stream(name="trace", modality="text", tasks=tasks, settings=settings)
+
+
+def report_task(name: str, load) -> DomainReport:
+    """A check-data line for one text task; ``load()`` returns (folder, {split: dataset})."""
+    try:
+        folder, splits = load()
+    except DataFileError as e:
+        return DomainReport(name, e.kind, e.path, e.detail)
+    return DomainReport(name, "found", str(folder), counts={k: len(v) for k, v in splits.items()})
+
+
+@register_data_check("trace")
+def check_trace(cfg, verify_images: bool = False) -> list[DomainReport]:
+    """check-data for TRACE: every selected task folder and its train/test files."""
+    root = Path(str(cfg.data_dir)).expanduser()
+    cache = hf_cache_dir(cfg)
+
+    def loader(name):
+        def load():
+            folder = find_task_folder(root, name)
+            return folder, load_task_folder(folder, name, cache)
+        return load
+
+    return [report_task(n, loader(n)) for n in select_tasks(TRACE_TASKS, cfg.stream.get("tasks"), "trace")]
