@@ -94,7 +94,9 @@ class PromptedClipProtocol(ClipProtocol):
             out.append(encode_hf_text_with_prompts(text, tokens[r % c], prompts[r // c]))
         return F.normalize(torch.cat(out), dim=-1).view(u, c, -1), inv
 
-    def _text_logits(self, batch: dict, sel: Selection, tokens: torch.Tensor) -> torch.Tensor:
+    def _text_logits(self, batch: dict, sel: Selection, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine logits (B, C) of each image against its own prompted classes, and the
+        frozen image embeddings."""
         img = self.encode_images(batch)                           # frozen image embedding
         text, inv = self.prompted_text(sel.idx, tokens)
         return torch.einsum("be,bce->bc", img, text[inv]), img

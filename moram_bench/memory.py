@@ -148,8 +148,12 @@ def _route(p: torch.Tensor, k: int, tau: float, gate_delta: float | None, eps: f
     """
     norm = torch.linalg.vector_norm(p, dim=1)
     n = norm.clamp_min(eps)
-    # top-k of z = p / n equals top-k of p: n is a positive scalar per token.
-    pv, idx = p.topk(k, dim=1, sorted=False)
+    if k == p.shape[1]:
+        # every atom is selected (a memory of one or two tasks): no top-k needed
+        pv, idx = p, torch.arange(k, device=p.device).expand(p.shape[0], k)
+    else:
+        # top-k of z = p / n equals top-k of p: n is a positive scalar per token.
+        pv, idx = p.topk(k, dim=1, sorted=False)
     zs = pv / n[:, None]
     u = torch.softmax(zs / tau, dim=1)
     gate = None
@@ -183,9 +187,9 @@ class _MemoryRead(torch.autograd.Function):
         y = _bag(idx, coef, val_store, dense, acc=y0)
         mem._record(idx, w, gate)
 
-        # The input gradient needs A^T p: from the saved p when N <= d_in, from the frozen
-        # keys' Gram matrix (d_in x d_in, cheaper) otherwise; the current atoms' gradients
-        # need only p's current columns.
+        # The input gradient needs A^T p: from the saved p while n_frozen <= d_in, from the
+        # frozen keys' Gram matrix (d_in x d_in, cheaper) beyond; the current atoms'
+        # gradients need only p's current columns.
         need_x = ctx.needs_input_grad[0]
         use_gram = need_x and n_frozen > mem.d_in
         keep_all = need_x and not use_gram

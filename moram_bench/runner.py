@@ -296,6 +296,7 @@ def run(cfg: DictConfig) -> Path | None:
     warnings.filterwarnings("ignore", message=".*infer the `batch_size`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 
     seed_everything(int(cfg.seed), verbose=False)
     try:

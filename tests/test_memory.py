@@ -223,11 +223,13 @@ def test_forward_and_gradients_match_reference(d_in, d_out, grows, topk, mode):
         assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("grows, topk", [([8] * 6, 4), ([3, 3], 16)])   # k < N, k == N
 @pytest.mark.parametrize("ratio", [0.0, 1e9])
-def test_dense_and_sparse_value_products_agree(ratio):
-    m = grown(16, 12, [8] * 6, topk=4)
+@pytest.mark.parametrize("train", [False, True])
+def test_dense_and_sparse_value_products_agree(ratio, grows, topk, train):
+    m = grown(16, 12, grows, topk=topk, delta=0.1)
     m.dense_max_ratio = ratio
-    m.train()
+    m.train(train)
     x, y0, gy = torch.randn(13, 16), torch.randn(13, 12), torch.randn(13, 12)
     out, grads = run_with_grads(m, m, x, y0, gy)
     ref_out, ref_grads = run_with_grads(m.reference_forward, m, x, y0, gy)

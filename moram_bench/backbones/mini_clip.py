@@ -14,7 +14,8 @@ them into an open_clip ``CustomTextCLIP`` and aligns them once, LiT style:
 3. align: with both towers frozen, cache the trunk's pooled image features and the text
    tower's pooled outputs of the committed alignment set (``data/xtail_mini/align.npz``:
    emoji and clip art disjoint from the ``xtail-mini`` stream), then train only the two
-   projections and the logit scale with the symmetric CLIP loss on the cached features.
+   projections and the logit scale with the symmetric CLIP loss on the cached features
+   (grey copies of the images are added as a second view: the stream has grey domains).
    20 % of the pairs are held out to choose the number of steps (it overfits early); the
    final model is retrained on all pairs for that many steps;
 4. save the result ONCE into ``<cache>/mini-clip/<key>/`` in open_clip's local-dir
@@ -53,7 +54,7 @@ from ..registry import register_backbone
 from .clip import ClipBackbone
 
 # bump when a change here changes the weights a build produces
-CODE_VERSION = "mini-clip-1"
+CODE_VERSION = "mini-clip-2"
 TIMM_MODEL = "tf_efficientnet_lite0"
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # EfficientNet-Lite's TF-style normalisation
 DEFAULT_ALIGN_DATA = Path(__file__).resolve().parents[2] / "data" / "xtail_mini" / "align.npz"
@@ -85,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
         "holdout": 0.2,
         "eval_every": 50,
         "seed": 0,
+        "gray_views": True,    # also train on grey copies of the images (same captions)
     },
 }
 
@@ -295,18 +297,22 @@ def retrieval(img_proj: torch.Tensor, cap_proj: torch.Tensor, caption_ids: torch
 
 def align_projections(model: nn.Module, img_feats: torch.Tensor, cap_feats: torch.Tensor,
                       caption_ids: torch.Tensor, a: dict[str, Any], steps: int,
-                      eval_idx: torch.Tensor | None = None, log: Callable = print) -> list[tuple[int, dict]]:
+                      eval_idx: torch.Tensor | None = None, num_pairs: int | None = None,
+                      on_eval: Callable[[int, dict], None] | None = None) -> list[tuple[int, dict]]:
     """Train ``visual.head.proj``, ``text.proj`` and ``logit_scale`` on cached features.
 
     ``img_feats`` (N, 1280) are trunk features, ``cap_feats`` (C, 384) the pooled text
     features of the C distinct captions, ``caption_ids`` (N,) the caption of each image.
-    Trains on the images not in ``eval_idx``; when ``eval_idx`` is given, evaluates
-    retrieval of those images among all C captions every ``eval_every`` steps and returns
-    the history [(step, metrics)]."""
+    ``img_feats`` may stack several views of the N pairs (row ``v * N + i`` is view v of
+    pair i; view 0 is the original image). Trains on every view of the pairs not in
+    ``eval_idx``; when ``eval_idx`` is given, evaluates retrieval of their original images
+    among all C captions every ``eval_every`` steps (calling ``on_eval(step, metrics)``) and
+    returns the history [(step, metrics)]."""
     vproj, tproj = model.visual.head.proj, model.text.proj
+    n_pairs = len(caption_ids) if num_pairs is None else num_pairs
     train_idx = torch.arange(len(img_feats))
     if eval_idx is not None:
-        train_idx = train_idx[~torch.isin(train_idx, eval_idx)]
+        train_idx = train_idx[~torch.isin(train_idx % n_pairs, eval_idx)]
     decay = [vproj.weight, tproj.weight]
     no_decay = [model.logit_scale] + ([vproj.bias] if vproj.bias is not None else [])
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(a["weight_decay"])},
@@ -319,6 +325,8 @@ def align_projections(model: nn.Module, img_feats: torch.Tensor, cap_feats: torc
         with torch.no_grad():
             m = retrieval(vproj(img_feats[eval_idx]), tproj(cap_feats), caption_ids[eval_idx])
         history.append((step, m))
+        if on_eval is not None:
+            on_eval(step, m)
 
     if eval_idx is not None:
         evaluate(0)
@@ -394,35 +402,45 @@ def build_aligned(settings: dict[str, Any], final_dir: Path, log: Callable = pri
         pad_id = int(model.text.config.pad_token_id)
         cap_feats = text_pooled(model, trim_padding(tokenizer(distinct), pad_id))
         img_feats = trunk_features(model, images, preprocess)
+        n_pairs = len(images)
+        if a["gray_views"]:
+            luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            grey = luma.round().clip(0, 255).astype(np.uint8)[..., None].repeat(3, -1)
+            img_feats = torch.cat([img_feats, trunk_features(model, grey, preprocess)])
+            caption_ids = caption_ids.repeat(2)
         t_feats = time.time() - t0
-        log(f"mini-clip: cached features of {len(images)} images and {len(distinct)} captions in {t_feats:.1f}s")
+        log(f"mini-clip: cached features of {len(img_feats)} images and {len(distinct)} captions in {t_feats:.1f}s")
 
         # 3. choose the number of steps on a held-out 20 %, then retrain on everything
         init_state = {k: v.clone() for k, v in model.state_dict().items()}
         gen = torch.Generator().manual_seed(int(a["seed"]) + 1)
-        n_eval = int(round(float(a["holdout"]) * len(images)))
-        eval_idx = torch.sort(torch.randperm(len(images), generator=gen)[:n_eval]).values
+        n_eval = int(round(float(a["holdout"]) * n_pairs))
+        eval_idx = torch.sort(torch.randperm(n_pairs, generator=gen)[:n_eval]).values
         t0 = time.time()
-        history = align_projections(model, img_feats, cap_feats, caption_ids, a, int(a["max_steps"]), eval_idx)
-        best_step, best = max(history, key=lambda h: (h[1]["top1"] + h[1]["top5"], -h[0]))
         is_emoji = torch.tensor([s.startswith("emoji:") for s in sources])
+        best_seen = {"score": -1.0, "parts": {}}
+
+        def breakdown(step, m):  # retrieval per source at the best step so far
+            if m["top1"] + m["top5"] > best_seen["score"]:
+                vp, tp = model.visual.head.proj, model.text.proj
+                with torch.no_grad():
+                    best_seen["parts"] = {
+                        part: retrieval(vp(img_feats[idx]), tp(cap_feats), caption_ids[idx])
+                        for part, idx in (("emoji", eval_idx[is_emoji[eval_idx]]),
+                                          ("clipart", eval_idx[~is_emoji[eval_idx]])) if len(idx)}
+                best_seen["score"] = m["top1"] + m["top5"]
+
+        history = align_projections(model, img_feats, cap_feats, caption_ids, a, int(a["max_steps"]), eval_idx,
+                                    n_pairs, on_eval=breakdown)
+        best_step, best = max(history, key=lambda h: (h[1]["top1"] + h[1]["top5"], -h[0]))
+        parts = best_seen["parts"]
         log(f"mini-clip: held-out ({n_eval} pairs) image->caption retrieval among {len(distinct)} captions: "
             f"top-1 {best['top1']:.1f}%, top-5 {best['top5']:.1f}% at step {best_step} "
             f"(step 0: top-1 {history[0][1]['top1']:.1f}%; last: top-1 {history[-1][1]['top1']:.1f}%)")
-        # per-source breakdown at the chosen step: retrain the 80 % model to best_step
         model.load_state_dict(init_state)
-        align_projections(model, img_feats, cap_feats, caption_ids, a, best_step, eval_idx)
-        with torch.no_grad():
-            vp, tp = model.visual.head.proj, model.text.proj
-            parts = {}
-            for part, mask in (("emoji", is_emoji[eval_idx]), ("clipart", ~is_emoji[eval_idx])):
-                idx = eval_idx[mask]
-                if len(idx):
-                    parts[part] = retrieval(vp(img_feats[idx]), tp(cap_feats), caption_ids[idx])
-        model.load_state_dict(init_state)
-        align_projections(model, img_feats, cap_feats, caption_ids, a, best_step, None)
+        align_projections(model, img_feats, cap_feats, caption_ids, a, best_step, None, n_pairs)
         t_align = time.time() - t0
-        log(f"mini-clip: aligned on all {len(images)} pairs for {best_step} steps ({t_align:.1f}s in total)")
+        log(f"mini-clip: aligned on all {n_pairs} pairs for {best_step} steps ({t_align:.1f}s in total)")
 
         # 4. save: weights + config whose text tower is the saved folder itself
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -430,8 +448,8 @@ def build_aligned(settings: dict[str, Any], final_dir: Path, log: Callable = pri
         _write_local_dir(staging, settings, text_dir=final_dir)
         build = {
             "cache_key": final_dir.name, "code_version": CODE_VERSION, "settings": settings,
-            "alignment": {"pairs": len(images), "distinct_captions": len(distinct), "holdout_pairs": n_eval,
-                          "chosen_steps": best_step, "holdout_retrieval": best, "holdout_by_source": parts,
+            "alignment": {"pairs": n_pairs, "views": len(img_feats) // n_pairs, "distinct_captions": len(distinct),
+                          "holdout_pairs": n_eval, "chosen_steps": best_step, "holdout_retrieval": best, "holdout_by_source": parts,
                           "holdout_history": history},
             "seconds": {"features": round(t_feats, 1), "alignment": round(t_align, 1),
                         "total": round(time.time() - t_start, 1)},

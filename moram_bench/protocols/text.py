@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import text_scorers
+from ..config import ConfigError
 
 IGNORE = -100
 TEXT_DEFAULTS: dict[str, Any] = {
@@ -97,16 +98,22 @@ class PromptEncoder:
         self.use_chat = bool(settings["chat_template"]) and bool(getattr(tokenizer, "chat_template", None))
         if self.use_chat:
             messages = self._messages(_PLACEHOLDER)
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                turn = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _PLACEHOLDER}],
+                                                     tokenize=False)
+            except Exception as e:  # jinja errors, e.g. templates without a system role
+                raise ConfigError(f"the tokenizer's chat template failed ({str(e).splitlines()[0]}); "
+                                  "try stream.system_prompt=null or stream.chat_template=false") from None
             if text.count(_PLACEHOLDER) != 1:
-                raise ValueError("the tokenizer's chat template does not render the user message verbatim")
+                raise ConfigError("the tokenizer's chat template does not render the user message verbatim; "
+                                  "use stream.chat_template=false")
             prefix, suffix = text.split(_PLACEHOLDER)
             self.prefix = self._encode(prefix)
             self.suffix = self._encode(suffix)
-            turn = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": _PLACEHOLDER}],
-                                                 tokenize=False)
-            end_text = turn.split(_PLACEHOLDER)[-1].strip()
-            self.end_of_turn = self._encode(end_text)[:1] if end_text else []
+            # the token that closes the assistant turn (<|im_end|>, <|eot_id|>, </s>, ...)
+            end = self._encode(turn.split(_PLACEHOLDER)[-1].strip())[:1]
+            self.end_of_turn = end if end and end[0] in set(tokenizer.all_special_ids) else []
         else:
             probe = tokenizer("x", add_special_tokens=True)["input_ids"]
             plain = tokenizer("x", add_special_tokens=False)["input_ids"]
@@ -116,7 +123,7 @@ class PromptEncoder:
             self.end_of_turn = []
         if not self.end_of_turn:
             if tokenizer.eos_token_id is None:
-                raise ValueError("the tokenizer has no EOS token to end answers with")
+                raise ConfigError("the tokenizer has no EOS token to end answers with")
             self.end_of_turn = [int(tokenizer.eos_token_id)]
         stops = list(self.end_of_turn) + [int(i) for i in eos_ids]
         self.stop_ids = list(dict.fromkeys(stops))

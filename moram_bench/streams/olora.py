@@ -23,7 +23,7 @@ from pathlib import Path
 from ..check_data import register_data_check
 from ..protocols.text import text_settings
 from ..registry import register_stream
-from .base import Stream, StreamError, Task
+from .base import Stream, Task
 from .textdata import (TextPairs, capped, find_child, hf_cache_dir, malformed, missing, read_json_list,
                        read_json_records, require_data_dir, select_tasks)
 
@@ -61,9 +61,10 @@ def format_input(instruction: str, labels: list[str], sentence: str) -> str:
 
 
 def find_task_folder(root: Path, name: str) -> Path:
-    """``<root>/<type>/<name>`` for any type folder (case-insensitive), or StreamError."""
+    """``<root>/<type>/<name>`` for any type folder (case-insensitive), or a DataFileError."""
     bench = find_child(root, "CL_Benchmark") or root
-    for kind in sorted(p for p in bench.iterdir() if p.is_dir()) if bench.is_dir() else []:
+    kinds = sorted(p for p in bench.iterdir() if p.is_dir()) if bench.is_dir() else []
+    for kind in kinds:
         hit = find_child(kind, name)
         if hit is not None:
             return hit
