@@ -133,8 +133,15 @@ def make_trainer(cfg: DictConfig, out: Path, callbacks: list, max_steps: int, ta
     t = cfg.trainer
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version=tag, default_hp_metric=False)
     clip = cfg.method.get("optim", {}).get("grad_clip") if "optim" in cfg.method else None
+    strategy = t.strategy
+    if strategy == "ddp":
+        # frozen memories live in buffers that are identical on every rank: do not re-send
+        # them every step; only the current task's parameters train and all are used
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = DDPStrategy(broadcast_buffers=False, find_unused_parameters=False)
     return pl.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        accelerator=t.accelerator, devices=t.devices, strategy=strategy, num_nodes=t.num_nodes,
         precision=t.precision, max_steps=max_steps, max_epochs=-1 if max_steps > 0 else None,
         logger=logger, callbacks=callbacks, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.enable_progress_bar, enable_checkpointing=False, enable_model_summary=False,

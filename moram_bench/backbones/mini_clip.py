@@ -379,6 +379,9 @@ def build_aligned(settings: dict[str, Any], final_dir: Path, log: Callable = pri
     a = settings["align"]
     t_start = time.time()
     final_dir.parent.mkdir(parents=True, exist_ok=True)
+    for old in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):  # left by killed builds
+        if time.time() - old.stat().st_mtime > 6 * 3600:
+            shutil.rmtree(old, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
     try:
         # 1. the composite through open_clip's local-dir machinery; pretrained MiniLM
@@ -513,7 +516,7 @@ def build_mini_clip(cfg) -> ClipBackbone:
     t0 = time.time()
     built = not (folder / WEIGHTS_FILE).is_file()
     if built:
-        print(f"mini-clip: no cached model at {folder}; building it once (about a minute)", flush=True)
+        print(f"mini-clip: no cached model at {folder}; building it once (a few minutes on 2 cores)", flush=True)
         build_aligned(settings, folder, log=lambda m: print(m, flush=True))
     model, preprocess, tokenizer = load_cached(folder)
     _freeze_trunk_batchnorm(model)

@@ -25,7 +25,7 @@ from ..protocols.text import text_settings
 from ..registry import register_stream
 from .base import Stream, Task
 from .textdata import (TextPairs, capped, find_child, hf_cache_dir, malformed, missing, read_json_list,
-                       read_json_records, require_data_dir, select_tasks)
+                       read_json_records, require_data_dir, select_tasks, subset_seed)
 
 OLORA_ORDERS: dict[int, tuple[str, ...]] = {
     1: ("dbpedia", "amazon", "yahoo", "agnews"),
@@ -98,12 +98,12 @@ def build_olora(cfg, order: int) -> Stream:
     cache = hf_cache_dir(cfg)
     seed = int(s.get("subset_seed", 0) or 0)
     tasks = []
-    for i, task in enumerate(names):
+    for task in names:
         folder = find_task_folder(root, task)
         instruction = str(custom.get(task, OLORA_INSTRUCTIONS[task]))
         splits, labels = load_olora_task(folder, task, instruction, cache)
-        tasks.append(Task(name=task, train=capped(splits["train"], s.get("max_train"), seed + 2 * i),
-                          test=capped(splits["test"], s.get("max_test"), seed + 2 * i + 1),
+        tasks.append(Task(name=task, train=capped(splits["train"], s.get("max_train"), subset_seed(seed, task, "train")),
+                          test=capped(splits["test"], s.get("max_test"), subset_seed(seed, task, "test")),
                           scorer="exact_match", max_new_tokens=int(s.get("max_new_tokens", 16) or 16),
                           extra={"folder": str(folder), "labels": labels, "instruction": instruction}))
     settings = text_settings(s)

@@ -8,6 +8,7 @@ and what was expected.
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -135,8 +136,15 @@ def find_child(parent: Path, name: str) -> Path | None:
     return None
 
 
-def capped(ds: TextPairs, cap: int | None, seed: int) -> TextPairs:
-    """At most ``cap`` samples, chosen by a generator seeded only by ``seed`` (order kept)."""
+def subset_seed(seed: int, task: str, split: str) -> list[int]:
+    """A seed for ``capped`` that depends only on ``seed`` and the task and split names,
+    so a task gets the same subset whatever the stream's order or task selection."""
+    return [int(seed), zlib.crc32(f"{task}/{split}".encode())]
+
+
+def capped(ds: TextPairs, cap: int | None, seed) -> TextPairs:
+    """At most ``cap`` samples, chosen by ``numpy.random.default_rng(seed)`` alone (an int or
+    a list of ints); the original order is kept."""
     if cap is None or int(cap) <= 0 or len(ds) <= int(cap):
         return ds
     idx = np.sort(np.random.default_rng(seed).choice(len(ds), size=int(cap), replace=False))

@@ -25,7 +25,7 @@ from ..protocols.text import text_settings
 from ..registry import register_stream
 from .base import Stream, StreamError, Task
 from .textdata import (DataFileError, TextPairs, capped, find_child, hf_cache_dir, malformed, missing, read_json_records,
-                       require_data_dir, select_tasks)
+                       require_data_dir, select_tasks, subset_seed)
 
 TRACE_TASKS = ("C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten")
 TRACE_SCORERS = {"C-STANCE": "option_letter", "FOMC": "option_letter", "MeetingBank": "rouge_l",
@@ -93,15 +93,15 @@ def build_trace(cfg) -> Stream:
     cache = hf_cache_dir(cfg)
     seed = int(s.get("subset_seed", 0) or 0)
     tasks = []
-    for i, name in enumerate(names):
+    for name in names:
         folder = find_task_folder(root, name)
         splits = load_task_folder(folder, name, cache)
         # per-task epochs unless `epochs` (one value) is set or `task_epochs` is null (iterations)
         epochs = None
         if s.get("epochs") is None and s.get("task_epochs") is not None:
             epochs = per_task(s.get("task_epochs"), name, TRACE_TASKS, TRACE_EPOCHS[name])
-        tasks.append(Task(name=name, train=capped(splits["train"], s.get("max_train"), seed + 2 * i),
-                          test=capped(splits["test"], s.get("max_test"), seed + 2 * i + 1),
+        tasks.append(Task(name=name, train=capped(splits["train"], s.get("max_train"), subset_seed(seed, name, "train")),
+                          test=capped(splits["test"], s.get("max_test"), subset_seed(seed, name, "test")),
                           scorer=TRACE_SCORERS[name],
                           max_new_tokens=int(per_task(s.get("max_new_tokens"), name, TRACE_TASKS, 64)),
                           epochs=float(epochs) if epochs is not None else None,

@@ -47,13 +47,13 @@ def build_trace_mini(cfg) -> Stream:
     cache = hf_cache_dir(cfg)
     seed = int(s.get("subset_seed", 0) or 0)
     tasks = []
-    for i, name in enumerate(names):
+    for name in names:
         folder = root / name
         if not folder.is_dir():
             raise StreamError(f"missing task folder {folder} (expected train.json and test.json; "
                               "regenerate with python data/build_trace_mini.py)")
         splits = load_task_folder(folder, name, cache)
-        k = TASKS.index(name)
+        k = TASKS.index(name)  # subsets depend on the task, not on the selection
         tasks.append(Task(name=name, train=capped(splits["train"], s.get("max_train"), seed + 2 * k),
                           test=capped(splits["test"], s.get("max_test"), seed + 2 * k + 1),
                           scorer=SCORERS[name],
