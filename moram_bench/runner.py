@@ -136,10 +136,11 @@ def make_trainer(cfg: DictConfig, out: Path, callbacks: list, max_steps: int, ta
     strategy = t.strategy
     if strategy == "ddp":
         # frozen memories live in buffers that are identical on every rank: do not re-send
-        # them every step; only the current task's parameters train and all are used
+        # them every step. Top-k routing (MoE-LoRA, L2P) can leave a trainable parameter
+        # unused in a step, so DDP must look for unused parameters.
         from lightning.pytorch.strategies import DDPStrategy
 
-        strategy = DDPStrategy(broadcast_buffers=False, find_unused_parameters=False)
+        strategy = DDPStrategy(broadcast_buffers=False, find_unused_parameters=True)
     return pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=strategy, num_nodes=t.num_nodes,
         precision=t.precision, max_steps=max_steps, max_epochs=-1 if max_steps > 0 else None,
