@@ -84,7 +84,7 @@ def test_raw_prompts_without_chat_template(tiny):
     assert enc.answer_ids("x")[-1] == tiny.tokenizer.eos_token_id
 
 
-def _protocol(bb, tasks=None, **settings):
+def _protocol(bb, tasks=None, prefix_hook=None, **settings):
     tasks = tasks or [Task("t", TextPairs(["a"], ["b"]), TextPairs(["a"], ["b"]), scorer="exact_match", max_new_tokens=5)]
 
     class Holder:  # the parts of a ContinualModule the protocol uses
@@ -92,7 +92,10 @@ def _protocol(bb, tasks=None, **settings):
         stream = Stream("s", "text", tasks, settings=text_settings(None, **settings))
         device = torch.device("cpu")
 
-    return TextProtocol(Holder())
+    holder = Holder()
+    if prefix_hook is not None:
+        holder.text_prefix = prefix_hook
+    return TextProtocol(holder)
 
 
 def test_batched_generation_pads_left_and_matches_one_by_one(tiny):
@@ -111,6 +114,35 @@ def test_batched_generation_pads_left_and_matches_one_by_one(tiny):
             assert torch.allclose(batched[i], alone, atol=1e-4)
     together = proto.generate(prompts, max_new_tokens=6)
     assert together == [proto.generate([p], max_new_tokens=6)[0] for p in prompts]
+
+
+def test_input_prefix_hook_sees_prompts_only_and_is_prepended(tiny):
+    """An L2P-style method's prefix embeddings: the hook gets the left-padded prompts (never
+    the answers); the loss and generation use [prefix; input embeddings]."""
+    torch.manual_seed(0)
+    table = torch.randn(2, 3, tiny.model.config.hidden_size) * 0.5  # prefix chosen by the first prompt token
+    seen = []
+
+    def hook(prompt_ids, prompt_mask):
+        seen.append((prompt_ids.clone(), prompt_mask.clone()))
+        first = prompt_ids[torch.arange(len(prompt_ids)), prompt_mask.argmax(1)]
+        return table[first % 2]
+
+    proto = _protocol(tiny, prefix_hook=hook, chat_template=False)
+    prompts, answers = ["abc", "a much longer prompt"], ["x", "yz"]
+    loss, out = proto.loss({"prompt": prompts, "answer": answers}, 0)
+    ids, mask = seen[-1]
+    assert [tiny.tokenizer.decode(r[m.bool()]) for r, m in zip(ids, mask)] == prompts  # no answer inside
+    t_ids, t_mask, labels = training_batch(proto.encoder, prompts, answers, proto.pad_id)
+    emb = tiny.model.get_input_embeddings()(t_ids)
+    prefix = hook(ids, mask)
+    logits = tiny.model(inputs_embeds=torch.cat([prefix, emb], 1),
+                        attention_mask=torch.cat([torch.ones(2, 3, dtype=torch.long), t_mask], 1)).logits[:, 3:]
+    manual = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    assert proto.generate(prompts, 5) == [proto.generate([p], 5)[0] for p in prompts]
+    plain = _protocol(tiny, chat_template=False)
+    assert plain.loss({"prompt": prompts, "answer": answers}, 0)[0].item() != pytest.approx(loss.item())
 
 
 def test_fine_tuned_model_generates_its_answers(tiny):

@@ -350,6 +350,18 @@ def align_projections(model: nn.Module, img_feats: torch.Tensor, cap_feats: torc
 # ---------------------------------------------------------------------------------------
 # build / load
 # ---------------------------------------------------------------------------------------
+class _single_thread:
+    """Run a block with one torch thread: the projection training consists of tiny ops, for
+    which extra threads only add synchronisation (5x slower on a busy 2-core machine)."""
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+
+
 def _write_local_dir(folder: Path, settings: dict[str, Any], text_dir: Path) -> None:
     """open_clip_config.json + the MiniLM config (dropout off) and tokenizer files."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -433,15 +445,17 @@ def build_aligned(settings: dict[str, Any], final_dir: Path, log: Callable = pri
                                           ("clipart", eval_idx[~is_emoji[eval_idx]])) if len(idx)}
                 best_seen["score"] = m["top1"] + m["top5"]
 
-        history = align_projections(model, img_feats, cap_feats, caption_ids, a, int(a["max_steps"]), eval_idx,
-                                    n_pairs, on_eval=breakdown)
+        with _single_thread():
+            history = align_projections(model, img_feats, cap_feats, caption_ids, a, int(a["max_steps"]),
+                                        eval_idx, n_pairs, on_eval=breakdown)
         best_step, best = max(history, key=lambda h: (h[1]["top1"] + h[1]["top5"], -h[0]))
         parts = best_seen["parts"]
         log(f"mini-clip: held-out ({n_eval} pairs) image->caption retrieval among {len(distinct)} captions: "
             f"top-1 {best['top1']:.1f}%, top-5 {best['top5']:.1f}% at step {best_step} "
             f"(step 0: top-1 {history[0][1]['top1']:.1f}%; last: top-1 {history[-1][1]['top1']:.1f}%)")
         model.load_state_dict(init_state)
-        align_projections(model, img_feats, cap_feats, caption_ids, a, best_step, None, n_pairs)
+        with _single_thread():
+            align_projections(model, img_feats, cap_feats, caption_ids, a, best_step, None, n_pairs)
         t_align = time.time() - t0
         log(f"mini-clip: aligned on all {n_pairs} pairs for {best_step} steps ({t_align:.1f}s in total)")
 

@@ -24,6 +24,12 @@ identically for every method on a stream:
   1.2 and 3). The decoded text (special tokens skipped, stripped) is scored with the task's
   scorer (``moram_bench.text_scorers``) against the answer, with the prompt as source.
 
+Input prefixes (L2P-style prompts): a method may define ``text_prefix(prompt_ids,
+prompt_mask)``, called in training and in evaluation with the PROMPTS ONLY (left-padded,
+never the answers) and returning ``(B, P, d_model)`` embeddings or None; they are prepended
+to the input embeddings (attended to, never scored), and generation runs from
+``inputs_embeds``. Without the method, nothing changes.
+
 Stream settings (``Stream.settings``, defaults in ``TEXT_DEFAULTS``) are fairness-relevant
 and recorded with the run; ``text_settings(cfg.stream)`` builds them from a stream config.
 """
@@ -189,24 +195,33 @@ def generation_batch(prompt_ids: Sequence[Sequence[int]], pad_id: int):
     return ids, mask
 
 
-def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                prefix: torch.Tensor | None = None):
     """Mean next-token cross-entropy over the labelled positions; the LM head is applied
-    to those positions only when the model allows it. Returns (loss, n_tokens)."""
+    to those positions only when the model allows it. ``prefix`` ``(B, P, d)``: embeddings
+    prepended to the inputs (attended to, not scored). Returns (loss, n_tokens)."""
     target = labels[:, 1:]
     keep = target != IGNORE
     n = int(keep.sum())
     if n == 0:
         raise ValueError("a training batch has no answer tokens (all answers truncated away?)")
+    inputs: dict = {"input_ids": input_ids, "attention_mask": attention_mask}
+    skip = 0
+    if prefix is not None:
+        embeds = model.get_input_embeddings()(input_ids)
+        skip = prefix.shape[1]
+        inputs = {"inputs_embeds": torch.cat([prefix.to(embeds.dtype), embeds], 1),
+                  "attention_mask": torch.cat([attention_mask.new_ones(attention_mask.shape[0], skip), attention_mask], 1)}
     head = model.get_output_embeddings()
     decoder = getattr(model, "base_model", None)
     plain_head = (head is not None and decoder is not None and decoder is not model
                   and getattr(model.config, "final_logit_softcapping", None) is None
                   and float(getattr(model.config, "logit_scale", 1.0) or 1.0) == 1.0)
     if plain_head:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, skip:]
         logits = head(hidden[:, :-1][keep])
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
+        logits = model(**inputs, use_cache=False).logits[:, skip:][:, :-1][keep]
     return F.cross_entropy(logits.float(), target[keep]), n
 
 
@@ -233,11 +248,20 @@ class TextProtocol:
         return len(batch["prompt"])
 
     # ---- training ---------------------------------------------------------------------
+    def prefix(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor | None:
+        """The method's input prefix for these (left-padded) prompts, or None (see module doc)."""
+        hook = getattr(self.m, "text_prefix", None)
+        return None if hook is None else hook(prompt_ids, prompt_mask)
+
     def loss(self, batch: dict, task: int) -> tuple[torch.Tensor, dict]:
         ids, mask, labels = training_batch(self.encoder, batch["prompt"], batch["answer"], self.pad_id)
         dev = self.m.device
-        loss, n = answer_loss(self.model, ids.to(dev), mask.to(dev), labels.to(dev))
-        return loss, {"answer_tokens": n, "input_ids": ids, "attention_mask": mask}
+        prefix = None
+        if getattr(self.m, "text_prefix", None) is not None:
+            p_ids, p_mask = generation_batch([self.encoder.prompt_ids(p) for p in batch["prompt"]], self.pad_id)
+            prefix = self.prefix(p_ids.to(dev), p_mask.to(dev))
+        loss, n = answer_loss(self.model, ids.to(dev), mask.to(dev), labels.to(dev), prefix)
+        return loss, {"answer_tokens": n, "input_ids": ids, "attention_mask": mask, "prefix": prefix}
 
     # ---- evaluation -------------------------------------------------------------------
     def on_eval_start(self) -> None:
@@ -268,8 +292,16 @@ class TextProtocol:
         for s in range(0, len(order), chunk):
             idx = order[s:s + chunk]
             ids, mask = generation_batch([encoded[i] for i in idx], self.pad_id)
-            seq = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen_cfg)
-            new = seq[:, ids.shape[1]:].cpu()
+            ids, mask = ids.to(dev), mask.to(dev)
+            prefix = self.prefix(ids, mask)
+            if prefix is None:
+                seq = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                new = seq[:, ids.shape[1]:].cpu()
+            else:  # generation from embeddings returns the new tokens only
+                embeds = self.model.get_input_embeddings()(ids)
+                embeds = torch.cat([prefix.to(embeds.dtype), embeds], 1)
+                mask = torch.cat([mask.new_ones(mask.shape[0], prefix.shape[1]), mask], 1)
+                new = self.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen_cfg).cpu()
             for i, row in zip(idx, new):
                 out[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
         return out
