@@ -208,16 +208,16 @@ def test_trunk_is_mode_independent_and_padding_trim_is_exact(backbone):
 
 @torch.no_grad()
 def test_zero_shot_over_the_union_beats_chance(backbone, stream):
+    """Row 0 of the accuracy matrix: every test image against all 40 class prompts. The
+    clip-art and emoji test sets are used whole; the two large grey domains (which sit near
+    chance, as in the prototype) are subsampled to keep the test quick."""
     text = torch.nn.functional.normalize(backbone.encode_text(backbone.tokenize(stream.all_prompts())), dim=-1)
     accs = []
     for t in stream.tasks:
-        correct = 0
-        for i in range(0, len(t.test), 256):
-            idx = range(i, min(i + 256, len(t.test)))
-            pixels = torch.stack([backbone.preprocess(t.test[j]["image"]) for j in idx])
-            img = torch.nn.functional.normalize(backbone.encode_image(pixels), dim=-1)
-            pred = (img @ text.t()).argmax(1)
-            correct += int((pred == torch.as_tensor(t.test.labels[list(idx)]) + t.label_offset).sum())
-        accs.append(100.0 * correct / len(t.test))
+        idx = np.arange(len(t.test))[:: max(1, len(t.test) // 200)]
+        pixels = torch.stack([backbone.preprocess(t.test[int(j)]["image"]) for j in idx])
+        img = torch.nn.functional.normalize(backbone.encode_image(pixels), dim=-1)
+        pred = (img @ text.t()).argmax(1)
+        accs.append(100.0 * float((pred == torch.as_tensor(t.test.labels[idx]) + t.label_offset).float().mean()))
     chance = 100.0 / 40
     assert sum(a > 2 * chance for a in accs) >= 3, accs
