@@ -37,6 +37,7 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moram_bench.adapters.covariance import InputCovariance, free_directions, gpm_update
@@ -84,7 +85,7 @@ class InfLoRALayer(nn.Module):
         if not self.n_branches:
             return y0
         up = torch.cat(list(self.up), dim=1).to(x.dtype)  # (d_out, branches * r)
-        return y0 + ((x @ self.down.t().to(x.dtype)) @ up.t()).to(y0.dtype)
+        return y0 + F.linear(F.linear(x, self.down.to(x.dtype)), up).to(y0.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # the basis width depends on the data: take the checkpoint's

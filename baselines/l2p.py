@@ -27,7 +27,8 @@ Placement (``placement: auto``), the most faithful one the backbone allows:
   (U <= B; typically a handful), with C the current task's classes in training and the
   whole label space at test time (in chunks of ``text_chunk`` sequences). This grouping is
   exact: nothing is shared across images that selected different prompts. A batch-level
-  union of prompts is NOT used (it would leak across samples).
+  union of prompts is NOT used (it would leak across samples). This text-side design is
+  AttriCLIP's (Wang et al., CVPR 2023), with L2P's pool, selection and pull loss.
 
 Switches (conf/method/l2p.yaml):
 - ``batch_voting`` (default false): the official code gives the whole batch the ``top_n``
@@ -87,12 +88,18 @@ class PromptedClipProtocol(ClipProtocol):
         prompts = self.m.pool.tokens(uniq)                       # (U, P, hidden)
         text = self.backbone.model.text
         chunk = max(1, int(self.m.hp.text_chunk))
-        rows = torch.arange(u * c, device=tokens.device)
+        # rows = (class, set) pairs, classes sorted by length, so that each chunk can drop
+        # the padding columns all its rows share (exact: padding is masked everywhere)
+        lengths = (tokens != text.config.pad_token_id).sum(1)
+        cls = lengths.argsort().repeat_interleave(u)
+        sets = torch.arange(u, device=tokens.device).repeat(c)
         out = []
         for s in range(0, u * c, chunk):
-            r = rows[s:s + chunk]
-            out.append(encode_hf_text_with_prompts(text, tokens[r % c], prompts[r // c]))
-        return F.normalize(torch.cat(out), dim=-1).view(u, c, -1), inv
+            cr, sr = cls[s:s + chunk], sets[s:s + chunk]
+            width = int(lengths[cr].max())
+            out.append(encode_hf_text_with_prompts(text, tokens[cr, :width], prompts[sr]))
+        emb = torch.cat(out)[(sets * c + cls).argsort()]         # back to (set, class) order
+        return F.normalize(emb, dim=-1).view(u, c, -1), inv
 
     def _text_logits(self, batch: dict, sel: Selection, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cosine logits (B, C) of each image against its own prompted classes, and the

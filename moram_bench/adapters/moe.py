@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MoELoRA", "top_k_softmax", "cv_squared", "expert_parameters"]
@@ -167,7 +168,7 @@ class MoELoRA(nn.Module):
         """Routing weights ``(..., E)`` broadcastable to ``x``'s tokens, and the indices of
         the selected experts. Per-sample routing uses ``x[:, 0]`` of 3-D inputs."""
         rx = x[:, :1] if (self.per_sample and x.dim() == 3) else x
-        scores = rx @ self.router_weight().t().to(x.dtype)
+        scores = F.linear(rx, self.router_weight().to(x.dtype))
         return top_k_softmax(scores, self.top_k)
 
     # ---------------------------------------------------------------- forward
@@ -178,9 +179,9 @@ class MoELoRA(nn.Module):
         w = w.expand(*x.shape[:-1], self.n_experts)
         a = torch.cat(list(self.A)).to(x.dtype)           # (E*r, d_in)
         b = torch.cat(list(self.B), dim=1).to(x.dtype)    # (d_out, E*r)
-        h = self.dropout(x) @ a.t()                       # (..., E*r)
+        h = F.linear(self.dropout(x), a)                  # (..., E*r)
         h = h * w.repeat_interleave(self.r, dim=-1)
-        delta = (h @ b.t()) * self.scale
+        delta = F.linear(h, b) * self.scale
         if self.training and self.balance_coef > 0 and torch.is_grad_enabled():
             self.aux_losses.append(self.balance_loss(w.reshape(-1, self.n_experts)))
         self._record(w)
