@@ -13,7 +13,7 @@ task             prompt -> answer                                              s
 ================ ============================================================ ==============
 noun-category    noun definition -> one of 8 listed lexicographer categories   exact_match
 word-choice      definition -> which of 4 listed words (A-D) it defines        option_letter
-arithmetic       easy word problem (add / subtract, numbers <= 30) -> number   numeric
+arithmetic       easy addition word problem (1-9 plus 1-5) -> the number       numeric
 shorten          definition -> the same definition with every parenthesised   sari
                  part and everything after the first semicolon deleted
 verb-category    verb definition -> one of 6 listed lexicographer categories   exact_match
@@ -23,7 +23,7 @@ Definitions are WordNet glosses without their quoted example sentences. Only syn
 least one lemma attested in SemCor (``cntlist.rev``) are used, so rare Latin taxonomy and
 obscure senses are left out; word-choice words are single common lowercase words (SemCor
 count >= 3 for that sense) that do not occur in their own definition; distractors come from
-the same lexicographer category. Every split is balanced across classes / answer letters.
+other lexicographer categories. Every split is balanced across classes / answer letters.
 
 Output: ``data/trace_mini/<task>/train.json`` and ``test.json`` (JSON lists of
 ``{"prompt", "answer"}``, one record per line) and ``manifest.json`` (counts, sha256 of
@@ -65,13 +65,13 @@ NAMES = ("Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ine
          "Maya", "Nora", "Omar", "Paula", "Rosa", "Sam", "Tara", "Yusuf")
 OBJECTS = ("apples", "books", "coins", "pencils", "stickers", "marbles", "cards", "stamps", "shells", "cookies",
            "balloons", "buttons")
-ARITH_TEMPLATES = (
-    ("{n} has {a} {o}. {n} buys {b} more {o}. How many {o} does {n} have now?", "+"),
-    ("There are {a} {o} in a box. {n} puts {b} more {o} in the box. How many {o} are in the box now?", "+"),
-    ("{n} has {a} {o} and finds {b} more. How many {o} does {n} have in total?", "+"),
-    ("{n} has {a} {o}. {n} gives {b} {o} to a friend. How many {o} does {n} have left?", "-"),
-    ("There are {a} {o} on a table. {n} takes away {b} {o}. How many {o} are still on the table?", "-"),
-    ("{n} had {a} {o} and lost {b} of them. How many {o} does {n} have now?", "-"),
+ARITH_TEMPLATES = (  # one-step additions; SmolLM2-135M subtracts at chance, so none here
+    "{n} has {a} {o}. {n} buys {b} more {o}. How many {o} does {n} have now?",
+    "There are {a} {o} in a box. {n} puts {b} more {o} in the box. How many {o} are in the box now?",
+    "{n} has {a} {o} and finds {b} more. How many {o} does {n} have in total?",
+    "{n} has {a} {o} and {m} has {b} {o}. How many {o} do they have together?",
+    "{n} gets {a} {o} in the morning and {b} {o} in the afternoon. How many {o} does {n} get in all?",
+    "A shelf holds {a} {o}. {n} adds {b} more {o}. How many {o} are on the shelf now?",
 )
 
 
@@ -162,7 +162,8 @@ def category_task(synsets, counts, lexmap, template, rng):
 
 
 def choice_task(synsets, counts, rng):
-    """Definition -> the word it defines, among 4 words of the same category."""
+    """Definition -> the word it defines, among 4 words; the 3 distractors come from other
+    lexicographer categories (same-category distractors left SmolLM2-135M near chance)."""
     candidates = defaultdict(list)  # lex -> [(word, definition, synset words)]
     for s in synsets:
         if not usable(s["definition"]):
@@ -174,13 +175,9 @@ def choice_task(synsets, counts, rng):
                 break
     items = []
     for lex in sorted(candidates):
-        pool = candidates[lex]
-        words = sorted({w for w, _, _ in pool})
-        if len(words) < 8:
-            continue
-        for w, d, syn in pool:
-            others = [x for x in words if x != w and x not in syn]
-            items.append((lex, w, d, others))
+        others_pool = sorted({w for other, pool in candidates.items() if other != lex for w, _, _ in pool})
+        for w, d, syn in candidates[lex]:
+            items.append((lex, w, d, [x for x in others_pool if x != w and x not in syn]))
     rng.shuffle(items)
     # one item per word (the most frequent words have several senses), then slot balancing
     chosen, used = [], set()
@@ -231,24 +228,19 @@ def shorten_task(synsets, counts, rng):
 
 
 def arithmetic_task(rng):
-    """Easy one-step word problems; every (template, operation) appears equally often."""
+    """Easy one-step addition word problems (1-9 plus 1-5); every template equally often."""
     items, seen = [], set()
     k = 0
     while len(items) < N_TRAIN + N_TEST:
-        template, op = ARITH_TEMPLATES[k % len(ARITH_TEMPLATES)]
+        template = ARITH_TEMPLATES[k % len(ARITH_TEMPLATES)]
         k += 1
-        if op == "+":
-            a, b = rng.randint(2, 20), rng.randint(1, 10)
-            answer = a + b
-        else:
-            a = rng.randint(4, 25)
-            b = rng.randint(1, min(10, a - 1))
-            answer = a - b
-        prompt = template.format(n=rng.choice(NAMES), o=rng.choice(OBJECTS), a=a, b=b) + "\nAnswer with a number."
+        a, b = rng.randint(1, 9), rng.randint(1, 5)
+        n, m = rng.sample(NAMES, 2)
+        prompt = template.format(n=n, m=m, o=rng.choice(OBJECTS), a=a, b=b) + "\nAnswer with a number."
         if prompt in seen:
             continue
         seen.add(prompt)
-        items.append({"prompt": prompt, "answer": str(answer)})
+        items.append({"prompt": prompt, "answer": str(a + b)})
     return items[N_TEST:], items[:N_TEST]
 
 

@@ -9,7 +9,7 @@ task             prompt -> answer                                              s
 ================ ============================================================ ============== =========
 noun-category    noun definition -> one of 8 listed categories (animal, ...)  exact_match    6
 word-choice      definition -> which of 4 listed words defines it (A-D)       option_letter  4
-arithmetic       one-step word problem (numbers <= 30) -> the number          numeric        6
+arithmetic       one-step addition word problem (1-9 plus 1-5) -> the number  numeric        6
 shorten          definition -> it without parentheses and after-";" part      sari           40
 verb-category    verb definition -> one of 6 listed categories (motion, ...)  exact_match    6
 ================ ============================================================ ============== =========
