@@ -101,10 +101,11 @@ class InfLoRA(ContinualModule):
 
     modalities = ("image", "text")
 
+    ranges = {"r": ">= 1"}
+
     @classmethod
     def validate_config(cls, h) -> None:
-        if int(h.r) < 1:
-            raise ConfigError(f"method.r must be >= 1 (got {h.r})")
+        super().validate_config(h)
         lb, le = float(h.lb), float(h.le)
         if not 0.0 <= lb <= le <= 1.0:
             raise ConfigError(f"method.lb and method.le must satisfy 0 <= lb <= le <= 1 (got {lb}, {le})")

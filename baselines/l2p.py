@@ -167,17 +167,15 @@ class L2P(ContinualModule):
 
     modalities = ("image",)
 
+    ranges = {"pool_size": ">= 1", "prompt_length": ">= 1", "pull_lambda": ">= 0", "text_chunk": ">= 1"}
+
     @classmethod
     def validate_config(cls, h) -> None:
-        if int(h.pool_size) < 1 or int(h.prompt_length) < 1:
-            raise ConfigError(f"method.pool_size and method.prompt_length must be >= 1 "
-                              f"(got {h.pool_size}, {h.prompt_length})")
+        super().validate_config(h)
         if not 1 <= int(h.top_n) <= int(h.pool_size):
             raise ConfigError(f"method.top_n must be in 1..pool_size={h.pool_size} (got {h.top_n})")
         if str(h.placement) not in PLACEMENTS:
             raise ConfigError(f"method.placement={h.placement!r} is not one of {', '.join(PLACEMENTS)}")
-        if float(h.pull_lambda) < 0:
-            raise ConfigError(f"method.pull_lambda must be >= 0 (got {h.pull_lambda})")
 
     # ---- set-up ---------------------------------------------------------------------------
     def _choose_placement(self) -> str:

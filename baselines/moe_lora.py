@@ -37,17 +37,7 @@ class MoELoRAMethod(ContinualModule):
     """MoE-LoRA: a rank-r LoRA expert added per task per layer, top-k softmax router, old experts frozen."""
 
     modalities = ("image", "text")
-
-    @classmethod
-    def validate_config(cls, h) -> None:
-        if int(h.r) < 1:
-            raise ConfigError(f"method.r must be >= 1 (got {h.r})")
-        if int(h.top_k) < 1:
-            raise ConfigError(f"method.top_k must be >= 1 (got {h.top_k})")
-        if not 0.0 <= float(h.dropout) < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1) (got {h.dropout})")
-        if float(h.balance_coef) < 0:
-            raise ConfigError(f"method.balance_coef must be >= 0 (got {h.balance_coef})")
+    ranges = {"r": ">= 1", "top_k": ">= 1", "dropout": "in [0, 1)", "balance_coef": ">= 0"}
 
     def setup_adapters(self) -> None:
         h = self.hp

@@ -28,7 +28,6 @@ import math
 import torch
 from torch import nn
 
-from moram_bench.config import ConfigError
 from moram_bench.method import ContinualModule
 from moram_bench.registry import register_method
 
@@ -98,14 +97,7 @@ class OLoRA(ContinualModule):
 
     modalities = ("text",)
 
-    @classmethod
-    def validate_config(cls, hp) -> None:
-        if int(hp.r) < 1:
-            raise ConfigError(f"method.r must be >= 1 (got {hp.r})")
-        if float(hp.lambda1) < 0 or float(hp.get("lambda2", 0.0) or 0.0) < 0:
-            raise ConfigError(f"method.lambda1 and method.lambda2 must be >= 0 (got {hp.lambda1}, {hp.get('lambda2')})")
-        if not 0.0 <= float(hp.dropout) < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1) (got {hp.dropout})")
+    ranges = {"r": ">= 1", "lambda1": ">= 0", "lambda2": ">= 0", "dropout": "in [0, 1)"}
 
     def setup_adapters(self) -> None:
         h = self.hp

@@ -7,7 +7,6 @@ declared adapter targets (the same Linears MoRAM adapts) unless ``method.targets
 from __future__ import annotations
 
 from moram_bench.adapters.lora import LoRA
-from moram_bench.config import ConfigError
 from moram_bench.method import ContinualModule
 from moram_bench.registry import register_method
 
@@ -17,11 +16,7 @@ class SeqLoRA(ContinualModule):
     """Sequential LoRA: one shared rank-r LoRA per layer fine-tuned task after task (lower bound)."""
 
     modalities = ("image", "text")
-
-    @classmethod
-    def validate_config(cls, hp) -> None:
-        if int(hp.r) < 1:
-            raise ConfigError(f"method.r must be >= 1 (got {hp.r})")
+    ranges = {"r": ">= 1", "dropout": "in [0, 1)"}
 
     def setup_adapters(self) -> None:
         h = self.hp

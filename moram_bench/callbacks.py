@@ -58,3 +58,28 @@ class AccuracyMatrixCallback(pl.Callback):
         means, counts = self.metric.compute().cpu()  # synchronised across ranks
         self.row = [float(v) for v in means]
         self.counts = [int(c) for c in counts]
+
+
+class TaskProgressBar(pl.callbacks.TQDMProgressBar):
+    """Lightning's tqdm bar labelled with what the runner is doing ("task 2/5 train
+    digits", "evaluate after task 2") instead of "Epoch 0" (each task is one open-ended
+    epoch bounded by ``max_steps``), and without the logger's version number."""
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(self.label)
+
+    def init_test_tqdm(self):
+        bar = super().init_test_tqdm()
+        bar.set_description(self.label)
+        return bar
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        # "train/task2/loss" -> "loss": the bar already names the task
+        return {k.rsplit("/", 1)[-1]: v for k, v in metrics.items()}

@@ -17,6 +17,7 @@ set keys that exist (typos are errors) and must keep the type of the default.
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,32 @@ def comparable(cfg: DictConfig) -> dict:
 
 def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(comparable(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_RULE = re.compile(r"^(?P<op>>=|>|<=|<)\s*(?P<x>[-+.\deE]+)$"
+                   r"|^in\s*(?P<lb>[\[(])\s*(?P<lo>[-+.\deE]+)\s*,\s*(?P<hi>[-+.\deE]+)\s*(?P<rb>[\])])$")
+
+
+def check_ranges(hp: Any, rules: dict[str, str], prefix: str = "method.") -> None:
+    """Check numeric settings against simple rules and raise a one-line ``ConfigError``
+    naming the first key that breaks its rule. A rule is ``">= 1"``, ``"> 0"``, ``"<= 1"``,
+    ``"< 1"`` or an interval ``"in [0, 1)"``; a key that is absent or null is skipped."""
+    for key, rule in rules.items():
+        value = hp.get(key) if hasattr(hp, "get") else getattr(hp, key, None)
+        if value is None:
+            continue
+        m = _RULE.match(rule.strip())
+        if m is None:
+            raise ValueError(f"bad range rule {rule!r} for {key}")
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{prefix}{key} must be a number (got {value!r})") from None
+        if m["op"]:
+            bound = float(m["x"])
+            ok = {">=": x >= bound, ">": x > bound, "<=": x <= bound, "<": x < bound}[m["op"]]
+        else:
+            lo, hi = float(m["lo"]), float(m["hi"])
+            ok = (x >= lo if m["lb"] == "[" else x > lo) and (x <= hi if m["rb"] == "]" else x < hi)
+        if not ok:
+            raise ConfigError(f"{prefix}{key} must be {rule.strip()} (got {value})")

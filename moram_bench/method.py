@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .adapters.inject import adapted_modules, inject_adapters
-from .config import ConfigError
+from .config import ConfigError, check_ranges
 from .streams.base import Stream
 
 
@@ -78,10 +78,16 @@ class ContinualModule(pl.LightningModule):
         return self
 
     # ---- hooks for methods -----------------------------------------------------------
+    #: numeric settings and their allowed ranges, checked by ``validate_config``:
+    #: ``{"r": ">= 1", "tau": "> 0", "dropout": "in [0, 1)"}`` (see ``config.check_ranges``)
+    ranges: dict[str, str] = {}
+
     @classmethod
     def validate_config(cls, hp: DictConfig) -> None:
         """Raise ConfigError for impossible hyper-parameters (the runner calls this
-        before building anything, so a typo costs no waiting)."""
+        before building anything, so a typo costs no waiting). The default checks
+        ``ranges``; override (calling ``super()``) for checks that involve several keys."""
+        check_ranges(hp, cls.ranges)
 
     def setup_adapters(self) -> None:
         """Inject adapters into ``self.backbone`` (called once, in __init__)."""

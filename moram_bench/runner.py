@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import metrics as M
 from . import registry
-from .callbacks import AccuracyMatrixCallback
+from .callbacks import AccuracyMatrixCallback, TaskProgressBar
 from .config import ConfigError, comparable, config_hash, default_output_dir
 from .data import TaskStreamDataModule
 from .method import NonFiniteLossError  # noqa: F401  (re-exported for the CLI)
@@ -129,8 +129,11 @@ def set_threads(cfg: DictConfig) -> None:
     torch.set_num_threads(int(n))
 
 
-def make_trainer(cfg: DictConfig, out: Path, callbacks: list, max_steps: int, tag: str) -> pl.Trainer:
+def make_trainer(cfg: DictConfig, out: Path, callbacks: list, max_steps: int, tag: str,
+                 label: str | None = None) -> pl.Trainer:
     t = cfg.trainer
+    if t.enable_progress_bar:
+        callbacks = [*callbacks, TaskProgressBar(label or tag)]
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version=tag, default_hp_metric=False)
     clip = cfg.method.get("optim", {}).get("grad_clip") if "optim" in cfg.method else None
     strategy = t.strategy
@@ -268,7 +271,8 @@ class Run:
 
 def evaluate(cfg, out, module, dm, run: Run, tag: str, extra_callbacks: tuple = ()) -> list[float]:
     cb = AccuracyMatrixCallback(len(run.stream))
-    trainer = make_trainer(cfg, out, [cb, *extra_callbacks], max_steps=-1, tag=tag)
+    trainer = make_trainer(cfg, out, [cb, *extra_callbacks], max_steps=-1, tag=tag,
+                           label=f"evaluate all {len(run.stream)} tasks")
     start = time.time()
     trainer.test(module, datamodule=dm, verbose=False)
     run.eval_seconds += time.time() - start
@@ -354,13 +358,16 @@ def run(cfg: DictConfig) -> Path | None:
         run_state.trainable_per_task.append(n_train)
         say(f"\n== task {t + 1}/{T}: {task.name} ({len(task.train)} train samples, {steps[t]} steps, "
             f"{n_train:,} trainable parameters) ==")
+        task_seconds = None
         if module.trains and steps[t] > 0:
             dm.set_task(t)
             module.task_steps = steps[t]
-            trainer = make_trainer(cfg, out, [], max_steps=steps[t], tag=f"task{t + 1}_train")
+            trainer = make_trainer(cfg, out, [], max_steps=steps[t], tag=f"task{t + 1}_train",
+                                   label=f"task {t + 1}/{T} train")
             start = time.time()
             trainer.fit(module, datamodule=dm)
-            run_state.train_seconds += time.time() - start
+            task_seconds = time.time() - start
+            run_state.train_seconds += task_seconds
         module.end_task(t)
         # after the last task, the same evaluation pass also records the routing report
         recorder = RoutingRecorder(T) if t == T - 1 and supports_routing(module) else None
@@ -369,7 +376,8 @@ def run(cfg: DictConfig) -> Path | None:
         if recorder is not None and recorder.result is not None and is_rank_zero():
             write_routing_report(out, recorder.result.matrix, stream.task_names, recorder.result)
         seen = row[: t + 1]
-        say(f"after task {t + 1}: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(stream.task_names, row))
+        trained = f" ({task_seconds:.0f}s training)" if task_seconds is not None else ""
+        say(f"after task {t + 1}{trained}: " + ", ".join(f"{n} {v:.1f}" for n, v in zip(stream.task_names, row))
             + f" | avg over seen tasks {sum(seen) / len(seen):.2f}")
         run_state.write_progress(module)
 
@@ -420,7 +428,6 @@ def print_summary(results: dict, run: Run) -> None:
 
     print("\n" + "=" * 78)
     print(f"{results['method']} on {results['stream']} (backbone {results['backbone']}, seed {results['seed']})")
-    print("accuracy matrix (rows: after task i, row 0 = untrained; columns: test task; 0-100)")
     print(M.format_matrix(np.asarray(results["matrix"]), results["task_names"]))
     print()
     print(M.format_metrics({k: results[k] for k in M.METRIC_NAMES if k in results}))

@@ -1,9 +1,5 @@
 """Bad input: one-line error, exit code 2, no traceback, results directory intact."""
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 

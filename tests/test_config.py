@@ -1,7 +1,9 @@
 """Config resolution: defaults, group files, user YAML, dotlist overrides and their errors."""
+import re
+
 import pytest
 
-from moram_bench.config import ConfigError, config_hash, resolve_config
+from moram_bench.config import ConfigError, check_ranges, config_hash, resolve_config
 
 
 def test_defaults_resolve_to_moram_on_xtail_mini():
@@ -67,3 +69,34 @@ def test_config_hash_ignores_volatile_keys():
     b = resolve_config(["stream=synthetic-tiny", "trainer.devices=2", "trainer.enable_progress_bar=false"])
     c = resolve_config(["stream=synthetic-tiny", "seed=1"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+@pytest.mark.parametrize("rule, ok, bad", [
+    (">= 1", [1, 2, 10.0], [0, -1, 0.5]),
+    ("> 0", [1e-9, 3], [0, -2]),
+    ("< 1", [0.99, -5], [1, 2]),
+    ("<= 1", [1, 0], [1.01]),
+    ("in [0, 1)", [0, 0.5, 0.999], [1, -0.1]),
+    ("in (0, 1]", [1, 1e-6], [0, 1.5]),
+])
+def test_check_ranges_accepts_and_rejects_at_the_bounds(rule, ok, bad):
+    for v in ok:
+        check_ranges({"x": v}, {"x": rule})
+    for v in bad:
+        with pytest.raises(ConfigError, match=rf"^method\.x must be {re.escape(rule)} \(got {re.escape(str(v))}\)$"):
+            check_ranges({"x": v}, {"x": rule})
+
+
+def test_check_ranges_skips_missing_and_null_and_rejects_non_numbers():
+    check_ranges({"x": None}, {"x": ">= 1", "y": "> 0"})
+    with pytest.raises(ConfigError, match=r"method\.x must be a number \(got 'abc'\)"):
+        check_ranges({"x": "abc"}, {"x": ">= 1"})
+
+
+def test_every_method_declares_parseable_ranges_that_its_defaults_meet():
+    from moram_bench import registry
+
+    registry.discover()
+    for name, cls in registry.METHODS.items():
+        cfg = resolve_config([f"method={name}"] + (["stream=trace-mini"] if "image" not in cls.modalities else []))
+        cls.validate_config(cfg.method)  # the shipped defaults are valid

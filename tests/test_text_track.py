@@ -301,7 +301,7 @@ def test_trace_mini_stream_and_committed_data():
     stream = build_trace_mini(run_cfg("trace-mini", None))
     assert stream.task_names == ["noun-category", "word-choice", "arithmetic", "shorten", "verb-category"]
     assert [t.scorer for t in stream.tasks] == ["exact_match", "option_letter", "numeric", "sari", "exact_match"]
-    assert all(len(t.train) == 320 and len(t.test) == 48 for t in stream.tasks)
+    assert all(len(t.train) == 320 and len(t.test) == 40 for t in stream.tasks)
     assert stream.settings["system_prompt"] == "Answer briefly." and stream.settings["chat_template"] is True
     arith = stream.tasks[2].test[0]
     assert arith["answer"].isdigit() and arith["prompt"].endswith("Answer with a number.")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -79,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
     "image_proj_bias": True,
     "align": {
         "data": None,          # null: data/xtail_mini/align.npz
-        "max_steps": 2000,
+        "max_steps": 1200,     # it peaks at ~850 steps and overfits after ~1,000
         "batch_size": 256,
         "lr": 1.0e-3,
         "weight_decay": 0.05,
@@ -350,6 +351,34 @@ def align_projections(model: nn.Module, img_feats: torch.Tensor, cap_feats: torc
 # ---------------------------------------------------------------------------------------
 # build / load
 # ---------------------------------------------------------------------------------------
+class _quiet_loading:
+    """Silence the expected chatter of building the composite: open_clip's warnings about a
+    local config without weights (they are grafted right after), transformers' load report
+    (MiniLM's unused pooler) and its weight-loading progress bar."""
+
+    MESSAGES = ("no CLIP weights found", "initialized partially")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(m in record.getMessage() for m in self.MESSAGES)
+
+    def __enter__(self):
+        import transformers.utils.logging as hf_logging
+
+        self.hf = hf_logging
+        self.verbosity = hf_logging.get_verbosity()
+        self.bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
+        self.hf.set_verbosity(self.verbosity)
+        if self.bars:
+            self.hf.enable_progress_bar()
+
+
 class _single_thread:
     """Run a block with one torch thread: the projection training consists of tiny ops, for
     which extra threads only add synchronisation (5x slower on a busy 2-core machine)."""
@@ -379,7 +408,7 @@ def _write_local_dir(folder: Path, settings: dict[str, Any], text_dir: Path) -> 
 def _seeded_create(model_name: str, seed: int):
     import open_clip
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_loading():
         torch.manual_seed(seed)
         return open_clip.create_model_and_transforms(model_name, pretrained_image=False, weights_only=True)
 

@@ -18,7 +18,6 @@ Quirks of the official code, as switches (defaults in conf/method/moram.yaml):
 """
 from __future__ import annotations
 
-from ..config import ConfigError
 from ..memory import RankOneMemory
 from ..method import ContinualModule
 from ..registry import register_method
@@ -29,17 +28,7 @@ class MoRAM(ContinualModule):
     """MoRAM: a memory of rank-1 key/value atoms per layer, self-activated, r atoms added per task."""
 
     modalities = ("image", "text")
-
-    @classmethod
-    def validate_config(cls, h) -> None:
-        if int(h.r) < 1:
-            raise ConfigError(f"method.r must be >= 1 (got {h.r})")
-        if int(h.topk) < 1:
-            raise ConfigError(f"method.topk must be >= 1 (got {h.topk})")
-        if float(h.tau) <= 0:
-            raise ConfigError(f"method.tau must be > 0 (got {h.tau})")
-        if not 0.0 <= float(h.dropout) < 1.0:
-            raise ConfigError(f"method.dropout must be in [0, 1) (got {h.dropout})")
+    ranges = {"r": ">= 1", "topk": ">= 1", "tau": "> 0", "delta": ">= 0", "dropout": "in [0, 1)"}
 
     def setup_adapters(self) -> None:
         h = self.hp
