@@ -78,6 +78,11 @@ class TaskProgressBar(pl.callbacks.TQDMProgressBar):
         bar.set_description(self.label)
         return bar
 
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        super().on_test_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        # one test loader per task: "evaluate all 5 tasks (task 2)", not "Testing DataLoader 1"
+        self.test_progress_bar.set_description(f"{self.label} (task {dataloader_idx + 1})")
+
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)

@@ -254,7 +254,10 @@ def _canon(obj: Any) -> str:
 
 
 def _weights(backbone_cfg: Any) -> str:
-    """A short description of the backbone's weights from its config."""
+    """A short description of the backbone's weights from its config: the fallback for
+    runs whose metrics.json predates ``backbone_weights`` (the backbone's own description,
+    preferred). ``init_seed`` alone says how the weights were seeded, not that they are
+    random (mini-clip seeds its projections before aligning them)."""
     if not isinstance(backbone_cfg, dict):
         return ""
     for key in ("pretrained", "weights", "checkpoint", "model_id", "path"):
@@ -263,7 +266,7 @@ def _weights(backbone_cfg: Any) -> str:
             s = str(v)
             return os.path.basename(s.rstrip("/\\")) or s
     if backbone_cfg.get("init_seed") is not None:
-        return f"random init (init_seed {backbone_cfg['init_seed']})"
+        return f"init_seed {backbone_cfg['init_seed']}"
     return "default"
 
 
@@ -421,7 +424,7 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     rec.method = pick("method") or cfg_name("method")
     rec.stream = pick("stream") or cfg_name("stream")
     rec.backbone = (met or {}).get("backbone") or cfg_name("backbone")
-    rec.weights = _weights(config.get("backbone"))
+    rec.weights = (met or {}).get("backbone_weights") or _weights(config.get("backbone"))
     rec.seed = _as_int(pick("seed") if pick("seed") is not None else config.get("seed"))
     stream_cfg = config.get("stream") if isinstance(config.get("stream"), dict) else {}
     rec.modality = str((met or {}).get("modality") or stream_cfg.get("modality") or "image")

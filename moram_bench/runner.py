@@ -100,6 +100,19 @@ def processes_per_node(cfg: DictConfig) -> int:
     return 1
 
 
+def backbone_weights(backbone) -> str | None:
+    """A short human description of the backbone's weights plus their identity (a cache
+    key, file or seed), for metrics.json and the leaderboard's table headings."""
+    info = getattr(backbone, "info", None) or {}
+    what = info.get("pretrained") or info.get("weights")
+    if what is None and info.get("init_seed") is not None:
+        what = f"random init (seed {info['init_seed']})"
+    ident = info.get("weights_id")
+    if what and ident and str(ident) not in str(what):
+        return f"{what} [{ident}]"
+    return str(what or ident) if (what or ident) else None
+
+
 def check_trainer_config(cfg: DictConfig) -> None:
     t = cfg.trainer
     accel = str(t.accelerator)
@@ -405,6 +418,7 @@ def finish(cfg: DictConfig, out: Path, module, run: Run) -> dict:
         "trainable_params_per_task": run.trainable_per_task,
         "params_added": int(sum(v.numel() for v in grown.values())),
         "stream_settings": run.stream.settings,
+        "backbone_weights": backbone_weights(module.backbone),
         "method_settings": module.extra_metrics(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": package_versions(), "command": " ".join(sys.argv), "finished": True,

@@ -181,6 +181,34 @@ def test_other_stream_settings_make_another_table(tmp_path):
     assert "a photo of a {}.; stream.iterations=50*" in md and "a photo of a {}.; stream.iterations=500*" in md
 
 
+def test_backbone_weights_recorded_by_the_run_name_and_split_the_tables(tmp_path):
+    import json
+
+    def with_weights(out, desc):
+        met = json.loads((out / "metrics.json").read_text())
+        met["backbone_weights"] = desc
+        M.atomic_write_json(out / "metrics.json", met)
+
+    with_weights(make_run(tmp_path, "moram", 0, MORAM[0][0]), "ImageNet EfficientNet + MiniLM [key1]")
+    with_weights(make_run(tmp_path, "seq-lora", 0, SEQ_LORA), "ImageNet EfficientNet + MiniLM [key2]")
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    assert sorted(t.weights for t in lb.tables) == ["ImageNet EfficientNet + MiniLM [key1]",
+                                                    "ImageNet EfficientNet + MiniLM [key2]"]
+    assert "backbone mini-clip (ImageNet EfficientNet + MiniLM [key1])" in L.render_markdown(lb)
+
+
+def test_backbone_weights_describes_pretrained_and_seeded_backbones():
+    from types import SimpleNamespace
+
+    from moram_bench.runner import backbone_weights
+
+    assert backbone_weights(SimpleNamespace(info={"pretrained": "ImageNet", "weights_id": "abc"})) == "ImageNet [abc]"
+    assert backbone_weights(SimpleNamespace(info={"init_seed": 3, "weights_id": "tiny:3"})) == "random init (seed 3) [tiny:3]"
+    assert backbone_weights(SimpleNamespace(info={"weights": "SmolLM2", "weights_id": "a.gguf:12"})) == "SmolLM2 [a.gguf:12]"
+    assert backbone_weights(SimpleNamespace(info={"weights": "/w/model", "weights_id": "/w/model"})) == "/w/model"
+    assert backbone_weights(SimpleNamespace(info={})) is None
+
+
 def test_unfinished_unreadable_and_duplicate_runs_are_listed(results):
     # interrupted after task 1 of 2: run_state finished false, 2 of 3 matrix rows
     make_run(results, "moram", 3, MORAM[0][0], finished=False, rows_written=2)
