@@ -43,8 +43,15 @@ prompts and keys barely move at the shared 5e-4. The default ``lr`` 0.00375 is t
 for the embedded stream's batch 32; rescale it for other batch sizes. Iterations and batch
 are the stream's (5 epochs in the paper).
 
-Text (LLM) streams: not supported yet (the prompts would be prepended to the LLM's input
-embeddings; the text protocol has no hook for that), so ``modalities`` is image only.
+Text (LLM) streams (placement ``llm``, chosen automatically): the prompts are prepended to
+the causal LM's input embeddings through the text protocol's ``text_prefix`` hook, in
+training and in generation. The query is the frozen, un-prompted LM's last hidden state
+mean-pooled over the prompt's tokens (padding masked; one extra prompt-only forward per
+batch, as L2P's extra un-prompted forward). Keys are U(-1, 1) as in L2P; the prompts start
+from randomly drawn rows of the LM's own embedding table (prompt tuning's initialisation,
+Lester et al. 2021): U(-1, 1) is ~50x the scale of an LLM's token embeddings and would
+swamp the input. The pull term, selection and switches are the same as for CLIP. The
+optimiser is the method's ``text:`` block (conf/method/l2p.yaml).
 """
 from __future__ import annotations
 
@@ -165,7 +172,7 @@ class PromptedClipProtocol(ClipProtocol):
 class L2P(ContinualModule):
     """L2P: a prompt pool with learnable keys; each image picks its top-N prompts by its frozen feature."""
 
-    modalities = ("image",)
+    modalities = ("image", "text")
 
     ranges = {"pool_size": ">= 1", "prompt_length": ">= 1", "pull_lambda": ">= 0", "text_chunk": ">= 1"}
 
@@ -195,6 +202,11 @@ class L2P(ContinualModule):
 
     def setup_adapters(self) -> None:
         h = self.hp
+        # Prompts apply from the first task on: row 0 of the matrix is the plain backbone.
+        self.prompting = False
+        if self.stream.modality == "text":
+            self._setup_llm()
+            return
         self.placement = self._choose_placement()
         model = self.backbone.model
         if self.placement == "image":
@@ -206,8 +218,40 @@ class L2P(ContinualModule):
         key_dim = self._query_dim()
         self.pool = PromptPool(int(h.pool_size), int(h.prompt_length), dim, key_dim)
         self.protocol = PromptedClipProtocol(self)
-        # Prompts apply from the first task on: row 0 of the matrix is the plain backbone.
-        self.prompting = False
+
+    # ---- LLM placement ------------------------------------------------------------------------
+    def _setup_llm(self) -> None:
+        h = self.hp
+        self.placement, self.vision_hook = "llm", None
+        model = self.backbone.model
+        table = model.get_input_embeddings().weight
+        self.pool = PromptPool(int(h.pool_size), int(h.prompt_length), table.shape[1], int(model.config.hidden_size))
+        with torch.no_grad():  # prompt tuning's initialisation: real token embeddings
+            rows = torch.randint(0, table.shape[0], (int(h.pool_size) * int(h.prompt_length),))
+            self.pool.prompts.copy_(table[rows].reshape_as(self.pool.prompts).to(self.pool.prompts.dtype))
+        self._train_sim = None
+
+    @torch.no_grad()
+    def _llm_query(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen, un-prompted LM's last hidden state, mean-pooled over the prompt tokens."""
+        model = self.backbone.model
+        decoder = getattr(model, "base_model", None)
+        if decoder is not None and decoder is not model:
+            hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=False).last_hidden_state
+        else:
+            hidden = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=False,
+                           output_hidden_states=True).hidden_states[-1]
+        m = prompt_mask.unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * m).sum(1) / m.sum(1).clamp_min(1.0)).float()
+
+    def text_prefix(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor | None:
+        """The text protocol's hook: each prompt's selected pool prompts, ``(B, N * L_p, d)``."""
+        if not self.prompting:
+            return None
+        sel = self.pool.select(self._llm_query(prompt_ids, prompt_mask), int(self.hp.top_n),
+                               batch_voting=bool(self.hp.batch_voting))
+        self._train_sim = sel.sim if self.training else None
+        return self.pool.tokens(sel.idx)
 
     def begin_task(self, task: int, restoring: bool = False) -> None:
         super().begin_task(task, restoring)
@@ -244,7 +288,7 @@ class L2P(ContinualModule):
 
     # ---- loss ----------------------------------------------------------------------------------
     def extra_loss(self, batch: dict, outputs: dict) -> torch.Tensor | None:
-        sim = outputs["prompt_sim"]
+        sim = outputs["prompt_sim"] if self.placement != "llm" else self._train_sim
         if sim is None:
             return None
         pull = sim.sum(1).mean() if self.hp.pull_sum_over_selected else sim.mean()

@@ -314,7 +314,7 @@ def test_trace_mini_stream_and_committed_data():
 
 
 # ---- end to end ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["seq-lora", "moram", "olora"])
+@pytest.mark.parametrize("method", ["seq-lora", "moram", "olora", "l2p"])
 def test_tiny_llama_fits_a_two_task_text_stream(tmp_path, method):
     """Two TRACE-format tasks whose answers are always "A" (task 1) and "B" (task 2)."""
     from moram_bench.__main__ import main
@@ -334,13 +334,49 @@ def test_tiny_llama_fits_a_two_task_text_stream(tmp_path, method):
     assert R.shape == (3, 2) and ((R >= 0) & (R <= 100)).all()
     assert m["method"] == method and m["params_added"] > 0 and m["test_samples_per_task"] == [4, 4]
     assert m["stream_settings"]["max_prompt_tokens"] == 1024
-    assert R[1, 0] == 100.0  # task 1 learned (from 0: the random model never answers "A")
+    if method != "l2p":  # prompts alone barely move a random-weight model (see the l2p test below)
+        assert R[1, 0] == 100.0  # task 1 learned (from 0: the random model never answers "A")
     if method == "seq-lora":
         # task 2 learned too; both tasks share one input distribution, so answering "B"
         # everywhere (forgetting task 1) is exactly what task 2 teaches one shared LoRA
         assert R[2, 1] == 100.0 and R[2, 0] < R[1, 0]
     if method == "olora":
         assert m["method_settings"]["loras_per_layer"] == 2
+    if method == "l2p":
+        assert m["method_settings"]["placement"] == "llm"
+
+
+def test_l2p_on_a_causal_lm_prepends_per_sample_prompts_that_train(tmp_path):
+    """L2P's LLM placement: the prefix is the selected prompts of each sample (N * L_p
+    tokens), the query comes from the frozen un-prompted LM, gradients reach the prompts
+    and the pull term reaches the keys; row 0 (before the first task) is un-prompted."""
+    from moram_bench import registry, runner
+    from moram_bench.config import resolve_config
+
+    data = trace_fixture(tmp_path / "data", tasks=("C-STANCE", "FOMC"), n_train=8, n_test=2,
+                         answers={"C-STANCE": "A", "FOMC": "B"})
+    cfg = resolve_config(["stream=trace", f"data_dir={data}", "stream.tasks=[C-STANCE,FOMC]", "backbone=tiny-llama",
+                          "stream.task_epochs=null", "stream.iterations=2", "method=l2p",
+                          f"cache_dir={tmp_path / 'cache'}"])
+    stream = runner.build_stream(cfg)
+    m = registry.METHODS["l2p"](cfg, stream, runner.build_backbone(cfg))
+    t = stream.tasks[0]
+    batch = {"prompt": [t.train[i]["prompt"] for i in range(4)], "answer": [t.train[i]["answer"] for i in range(4)]}
+    assert m.protocol.loss(batch, 0)[1]["prefix"] is None  # not prompting before the first task
+    m.begin_task(0)
+    m.train()
+    loss, out = m.protocol.loss(batch, 0)
+    h = m.hp
+    assert out["prefix"].shape == (4, int(h.top_n) * int(h.prompt_length), m.backbone.model.config.hidden_size)
+    assert m.extra_metrics()["placement"] == "llm"
+    total = loss + m.extra_loss(batch, out)
+    total.backward()
+    assert m.pool.prompts.grad is not None and m.pool.prompts.grad.abs().sum() > 0
+    assert m.pool.keys.grad is not None and m.pool.keys.grad.abs().sum() > 0
+    # the prefix is exactly the selected prompts, concatenated in pool-index order
+    ids, mask = generation_batch([m.protocol.encoder.prompt_ids(p) for p in batch["prompt"]], m.protocol.pad_id)
+    sel = m.pool.select(m._llm_query(ids, mask), int(h.top_n))
+    assert torch.equal(m.text_prefix(ids, mask), m.pool.prompts[sel.idx].flatten(1, 2))
 
 
 # ---- backbones --------------------------------------------------------------------------------------
