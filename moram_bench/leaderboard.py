@@ -579,8 +579,9 @@ class Table:
         """One line: backbone, weights, task count and the protocol settings."""
         parts = [f"backbone {self.backbone} ({self.weights})" if self.weights else f"backbone {self.backbone}",
                  f"{len(self.task_names)} tasks ({', '.join(self.task_names)})" if self.task_names else ""]
-        parts += [f"{k.replace('_', ' ')}: {_short_value(v)}" for k, v in self.protocol.items()
-                  if k not in HIDDEN_PROTOCOL_KEYS]
+        # a null cap (max_train, max_test, ...) means "no cap": say "all", not "None"
+        parts += [f"{k.replace('_', ' ')}: {'all' if v is None and k.startswith('max_') else _short_value(v)}"
+                  for k, v in self.protocol.items() if k not in HIDDEN_PROTOCOL_KEYS]
         parts += [f"{k}={_short_value(v, 32)}" for k, v in self.distinct.items()
                   if not (k.startswith("stream.") and k[len("stream."):] in self.protocol)]
         return "; ".join(p for p in parts if p)

@@ -259,10 +259,12 @@ def test_text_stream_headline_and_paper_references(tmp_path):
     # TRACE-like stream: OP, BWT, |BWT| (TRACE); best |BWT| is the smallest
     a = [[5, 5], [40, 10], [30, 50]]   # OP 40, bwt -10, clipped (-10 + 0)/2 -> |.| 5
     b = [[5, 5], [40, 10], [38, 44]]   # OP 41, bwt -2, |.| 1
-    make_run(tmp_path, "moram", 0, a, stream="trace", modality="text", backbone="llama")
-    make_run(tmp_path, "o-lora", 0, b, stream="trace", modality="text", backbone="llama")
+    caps = {"max_train": None, "max_test": 40}
+    make_run(tmp_path, "moram", 0, a, stream="trace", modality="text", backbone="llama", stream_settings=caps)
+    make_run(tmp_path, "o-lora", 0, b, stream="trace", modality="text", backbone="llama", stream_settings=caps)
     lb = L.aggregate(L.collect_runs(tmp_path))
     (table,) = lb.tables
+    assert "max train: all" in table.describe() and "max test: 40" in table.describe()
     assert [s.label for s in table.metrics] == ["OP", "BWT", "|BWT| (TRACE)"]
     rows = {r.label: r for r in table.rows}
     assert rows["moram"].mean["bwt_trace_magnitude"] == pytest.approx(5.0)
