@@ -77,6 +77,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .logs import drop_log_messages
 from .memory import RankOneMemory
 
 D_MODEL = 768
@@ -353,16 +354,8 @@ def bench_vit(cfg: dict, setup: Setup) -> dict[str, Any]:
 
     log("  building a random-weight ViT-B-16 ...")
     torch.manual_seed(0)
-    import logging
-
-    def random_on_purpose(record: logging.LogRecord) -> bool:  # the weights are random by design
-        return "No pretrained weights loaded" not in record.getMessage()
-
-    logging.getLogger().addFilter(random_on_purpose)
-    try:
+    with drop_log_messages("No pretrained weights loaded"):  # random by design
         model = open_clip.create_model("ViT-B-16", pretrained=None, force_image_size=cfg["vit_image_size"])
-    finally:
-        logging.getLogger().removeFilter(random_on_purpose)
     visual = model.visual.to(device).eval().requires_grad_(False)
     del model
     n_unfused = unfuse_attention(visual)

@@ -17,8 +17,8 @@ set keys that exist (typos are errors) and must keep the type of the default.
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 from pathlib import Path
 from typing import Any
 

@@ -35,9 +35,9 @@ projection ``text.proj`` and the image projection ``visual.head.proj``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..logs import drop_log_messages
 from ..registry import register_backbone
 from .clip import ClipBackbone
 
@@ -351,32 +352,23 @@ def align_projections(model: nn.Module, img_feats: torch.Tensor, cap_feats: torc
 # ---------------------------------------------------------------------------------------
 # build / load
 # ---------------------------------------------------------------------------------------
-class _quiet_loading:
+@contextlib.contextmanager
+def _quiet_loading():
     """Silence the expected chatter of building the composite: open_clip's warnings about a
     local config without weights (they are grafted right after), transformers' load report
     (MiniLM's unused pooler) and its weight-loading progress bar."""
+    import transformers.utils.logging as hf_logging
 
-    MESSAGES = ("no CLIP weights found", "initialized partially")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(m in record.getMessage() for m in self.MESSAGES)
-
-    def __enter__(self):
-        import transformers.utils.logging as hf_logging
-
-        self.hf = hf_logging
-        self.verbosity = hf_logging.get_verbosity()
-        self.bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        logging.getLogger().addFilter(self)
-        return self
-
-    def __exit__(self, *exc):
-        logging.getLogger().removeFilter(self)
-        self.hf.set_verbosity(self.verbosity)
-        if self.bars:
-            self.hf.enable_progress_bar()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with drop_log_messages("no CLIP weights found", "initialized partially"):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class _single_thread:
