@@ -4,7 +4,7 @@ Headless by construction: figures are built with ``matplotlib.figure.Figure`` on
 canvas, never through ``pyplot``, so no display, no global backend switch and no figure
 registry to leak from. The ``*_figure`` functions return the figure (e.g. for TensorBoard's
 ``add_figure``); the ``*_png`` functions save it atomically (see
-:func:`moram_bench.metrics.atomic_write_bytes`) and return the path.
+:func:`moram_bench.results_io.atomic_write_bytes`) and return the path.
 
 Every accuracy picture accepts a partial matrix: the finished rows ``0..k`` of a run in
 progress (shape ``(k + 1, T)``); unfinished rows are drawn as empty grey cells.
@@ -21,7 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .metrics import atomic_write_bytes, validate_rows
+from .metrics import validate_rows
+from .results_io import atomic_write_bytes
 
 __all__ = [
     "heatmap_figure",

@@ -12,11 +12,8 @@ import numpy as np
 import pytest
 
 from moram_bench import metrics as M
+from moram_bench import results_io as IO
 from moram_bench.metrics import (
-    MatrixFileError,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
     avg_incremental,
     bwt,
     bwt_trace_clipped,
@@ -28,10 +25,17 @@ from moram_bench.metrics import (
     last,
     mtil_avg,
     partial_metrics,
-    read_matrix_csv,
+    plasticity,
     transfer,
     validate_matrix,
     validate_rows,
+)
+from moram_bench.results_io import (
+    MatrixFileError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_matrix_csv,
     write_matrix_csv,
 )
 
@@ -99,6 +103,36 @@ def test_t3_by_hand():
     # fwt: j=2: R[1,2] - R[0,2] = 25 - 20 = 5; j=3: R[2,3] - R[0,3] = 15 - 12 = 3
     #   -> (5 + 3) / 2 = 4
     assert fwt(R3) == approx(4.0)
+
+
+def test_plasticity_is_the_mean_of_the_diagonal():
+    # R3's diagonal: R[1,1] = 60, R[2,2] = 70, R[3,3] = 80 -> (60 + 70 + 80) / 3 = 70
+    assert plasticity(R3) == approx(70.0)
+    # R2: R[1,1] = 80, R[2,2] = 94 -> 87
+    assert plasticity(R2) == approx(87.0)
+    # T = 1: the single trained entry R[1,1] = 33 (row 0 never counts)
+    assert plasticity([[99.0], [33.0]]) == approx(33.0)
+    # 4 tasks, off-diagonal entries set to 100 so that reading them would show:
+    #   diagonal 10, 20, 30, 0 (an exact zero counts) -> 60 / 4 = 15
+    R4 = np.full((5, 4), 100.0)
+    R4[1, 0], R4[2, 1], R4[3, 2], R4[4, 3] = 10, 20, 30, 0
+    assert plasticity(R4) == approx(15.0)
+    assert compute_all(R4)["plasticity"] == approx(15.0)
+    # a run stopped after task 2 of 3: the plasticity of the first two tasks, (60 + 70) / 2
+    assert partial_metrics(R3[:3])["plasticity"] == approx(65.0)
+    assert partial_metrics(R3[:1])["plasticity"] is None
+
+
+def test_file_helpers_still_importable_from_metrics():
+    # moved to results_io; old callers (metrics.atomic_write_json, ...) keep working
+    for name in ("MatrixFileError", "write_matrix_csv", "read_matrix_csv", "atomic_write_text",
+                 "atomic_write_bytes", "atomic_write_json"):
+        assert getattr(M, name) is getattr(IO, name)
+    from moram_bench.metrics import atomic_write_json as old
+
+    assert old is IO.atomic_write_json
+    with pytest.raises(AttributeError):
+        M.no_such_name
 
 
 def test_compute_all_t3_and_note():
@@ -438,7 +472,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(M.os, "replace", boom)
+    monkeypatch.setattr(IO.os, "replace", boom)
     with pytest.raises(OSError, match="simulated"):
         atomic_write_bytes(p, b"new content")
     monkeypatch.undo()
