@@ -1,15 +1,36 @@
 """The CLIP protocol: class-prompt text embeddings, the CLIP loss, task-agnostic scoring.
 
 Training (task t): image->text cross-entropy over the current task's class prompts plus the
-text-side cross-entropy (the official MoRAM code sums both). Evaluation: every test image is
-scored against the text embeddings of the stream's whole label space (``union``: all
-classes of all tasks, X-TAIL; ``per_task``: the task's own classes, MTIL), computed once
-per evaluation. Images arrive as pixels or as cached trunk features (``is_feature``).
+text-side cross-entropy (the official MoRAM X-TAIL code sums both; see ``ClipProtocol.loss``
+for the exact normalisation and its switch). Evaluation: every test image is scored against
+the text embeddings of the stream's whole label space (``union``: all classes of all tasks,
+X-TAIL; ``per_task``: the task's own classes, MTIL), computed once per evaluation. Images
+arrive as pixels or as cached trunk features (``is_feature``).
+
+Stream settings read here (``stream.<key>``, same for every method on a stream):
+``clip_text_loss``: ``classes`` (default, the official normalisation: divided by the number
+of classes seen so far) or ``batch`` (divided by the global batch size).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+TEXT_LOSS_NORMS = ("classes", "batch")
+
+
+def text_loss_norm(cfg) -> str:
+    """The stream's ``clip_text_loss`` setting (default ``classes``, the official one);
+    a ``ConfigError`` (one-line ``error:``) for anything else."""
+    from ..config import ConfigError
+
+    stream = getattr(cfg, "stream", None) if cfg is not None else None
+    value = stream.get("clip_text_loss", "classes") if stream is not None else "classes"
+    if value is None:
+        value = "classes"
+    if value not in TEXT_LOSS_NORMS:
+        raise ConfigError(f"stream.clip_text_loss must be one of {', '.join(TEXT_LOSS_NORMS)}, got {value!r}")
+    return str(value)
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -38,6 +59,7 @@ class ClipProtocol:
         # a plain reference (not a submodule): the protocol owns no parameters
         self.m = module
         self._eval_text: torch.Tensor | None = None
+        self.text_norm = text_loss_norm(getattr(module, "run_cfg", None))
 
     @property
     def backbone(self):
@@ -68,15 +90,33 @@ class ClipProtocol:
         return self.backbone.logit_scale.exp()
 
     # ---- training ---------------------------------------------------------------------
+    def seen_classes(self, task: int) -> int:
+        """C: the number of classes of tasks 0..task (all seen so far, current included),
+        whatever the evaluation label space."""
+        return sum(t.num_classes for t in self.stream.tasks[:task + 1])
+
     def loss(self, batch: dict, task: int) -> tuple[torch.Tensor, dict]:
-        """Mean over the GLOBAL batch of (image->text CE + text->image CE).
+        """Image->text CE averaged over the GLOBAL batch, plus the text-side CE.
 
         Image side: the official loss builds logits over all seen classes with earlier
         classes masked to -inf: exactly the softmax over the current task's classes used
-        here. Text side: row i is the prompt of sample i's class scored against every
-        image of the global batch, target i. Under DDP the image embeddings are gathered
-        with autograd and each rank returns ``world * (its rows' sum) / global_batch``;
-        DDP's gradient averaging then yields exactly the single-process gradient.
+        here; averaged over the B images of the global batch.
+
+        Text side (official X-TAIL step): the transposed logits ``scale * text @ imgᵀ`` over
+        ALL C classes seen so far (earlier classes' prompts, then the current task's) against
+        the B images, with the multi-hot target ``mask[c, i] = [label_i == c]`` and
+        cross-entropy with probability targets averaged over the C rows. Row c contributes
+        ``sum_{i: label_i = c} -log softmax_i(row c)``; rows of earlier classes and of current
+        classes absent from the batch carry no target and contribute exactly 0 (value and
+        gradient), so only the current task's prompts are encoded, one row per sample:
+        row i = the prompt of sample i's class scored against every image, target i. The
+        sum of these per-sample terms is divided by C (``stream.clip_text_loss=classes``,
+        default) or by B (``batch``: the batch mean this project used before).
+
+        DDP: the image embeddings are gathered with autograd; each rank returns
+        ``world * (its share of the global sums) / divisor`` (divisor B for the image side,
+        C or B for the text side), so DDP's gradient averaging yields exactly the
+        single-process loss gradient.
         """
         t = self.stream.tasks[task]
         img = self.encode_images(batch)
@@ -89,7 +129,9 @@ class ClipProtocol:
         txt_logits = scale * text[local] @ all_img.t()  # (B_local, B_global)
         targets = torch.arange(len(local), device=img.device) + offset
         ce_txt = F.cross_entropy(txt_logits, targets, reduction="sum")
-        loss = world * (ce_img + ce_txt) / all_img.shape[0]
+        n_global = all_img.shape[0]
+        divisor = self.seen_classes(task) if self.text_norm == "classes" else n_global
+        loss = world * (ce_img / n_global + ce_txt / divisor)
         return loss, {"image_emb": img, "text_emb": text, "logits": logits}
 
     # ---- evaluation (task-agnostic) ---------------------------------------------------
