@@ -6,6 +6,8 @@
     sweep method=a,b seed=0,1,2 ...        a grid of fits, skipping finished runs
     leaderboard [RESULTS_DIR]              LEADERBOARD.md/.csv/.tex from run directories
     bench [--quick] [--out FILE]           speed/memory benchmark of the memory layer
+    doctor [data_dir=PATH]                 self-test of this machine (GPU numerics, DDP, data, time estimate)
+    rehearse stream=xtail|mtil|trace       the real streams at full size on synthetic data (few steps)
 
 Configuration problems print one line ``error: ...`` and exit with code 2 (no traceback).
 """
@@ -76,7 +78,8 @@ def _delegate(command: str, argv: list[str]) -> int:
     """Subcommands with their own argument parsing (each module has ``main(argv)``)."""
     import importlib
 
-    module = {"bench": "bench", "check-data": "check_data", "leaderboard": "leaderboard", "sweep": "sweep"}[command]
+    module = {"bench": "bench", "check-data": "check_data", "leaderboard": "leaderboard", "sweep": "sweep",
+              "doctor": "doctor", "rehearse": "rehearse"}[command]
     return importlib.import_module(f"moram_bench.{module}").main(argv)
 
 
@@ -92,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("bench", "speed/memory benchmark of the memory layer"),
                        ("check-data", "check a real stream's data folder: check-data stream=xtail data_dir=PATH"),
                        ("sweep", "run a grid: sweep method=a,b stream=s seed=0,1,2"),
-                       ("leaderboard", "tables from run directories: leaderboard [RESULTS_DIR]")):
+                       ("leaderboard", "tables from run directories: leaderboard [RESULTS_DIR]"),
+                       ("doctor", "self-test of this machine: doctor [data_dir=PATH]"),
+                       ("rehearse", "real streams at full size on synthetic data: rehearse stream=xtail")):
         sub.add_parser(name, help=text, add_help=False)
 
-    if argv and argv[0] in ("bench", "check-data", "sweep", "leaderboard"):
+    if argv and argv[0] in ("bench", "check-data", "sweep", "leaderboard", "doctor", "rehearse"):
         return _delegate(argv[0], argv[1:])
     args = parser.parse_args(argv)
     if args.command == "fit":
