@@ -1,24 +1,36 @@
-"""The leaderboard from hand-made run directories: exact means and sample stds, best
-marking, grouping by settings, unfinished and unreadable runs listed, the three files."""
+"""The leaderboard from hand-made run directories: exact means, sample stds and 95 %
+confidence intervals, best and tied-best marking (paired t-test), grouping by settings,
+unfinished and unreadable runs listed, the files and the CLI's errors.
+
+Student t values used below (two-sided 95 %, i.e. the 0.975 quantile), from the standard
+table: df 1: 12.7062, df 2: 4.3027, df 4: 2.7764, df 9: 2.2622, df 30: 2.0423. For the
+p-values, the t distribution's CDF has a closed form for small df:
+df 1: F(t) = 1/2 + atan(t)/pi, so the two-sided p = 1 - 2 atan(|t|)/pi;
+df 2: F(t) = 1/2 + t / (2 sqrt(2 + t^2)), so p = 1 - |t| / sqrt(2 + t^2)."""
 import csv
 import io
+import json
 import math
+import sys
 
 import numpy as np
 import pytest
 
 from moram_bench import leaderboard as L
 from moram_bench import metrics as M
+from moram_bench import results_io as IO
+
+T975 = {1: 12.7062, 2: 4.3027, 4: 2.7764, 9: 2.2622, 30: 2.0423}  # 4-decimal table values
 
 # T = 2 matrices, rows 0..2. Hand-computed metrics per matrix:
-#   last, mtil_avg, transfer, avg_incremental, bwt, forgetting
+#   last, mtil_avg, transfer, avg_incremental, bwt, forgetting, plasticity
 MORAM = {
-    0: ([[10, 20], [60, 30], [70, 70]], (70.0, 57.5, 30.0, 65.0, 10.0, -10.0)),
-    1: ([[10, 20], [50, 40], [72, 72]], (72.0, 58.5, 40.0, 61.0, 22.0, -22.0)),
-    2: ([[10, 20], [80, 20], [74, 80]], (77.0, 63.5, 20.0, 78.5, -6.0, 6.0)),
+    0: ([[10, 20], [60, 30], [70, 70]], (70.0, 57.5, 30.0, 65.0, 10.0, -10.0, 65.0)),
+    1: ([[10, 20], [50, 40], [72, 72]], (72.0, 58.5, 40.0, 61.0, 22.0, -22.0, 61.0)),
+    2: ([[10, 20], [80, 20], [74, 80]], (77.0, 63.5, 20.0, 78.5, -6.0, 6.0, 80.0)),
 }
-SEQ_LORA = [[10, 20], [90, 10], [40, 85]]  # 62.5, 56.25, 10, 76.25, -50, 50
-ZEROSHOT = [[10, 35], [10, 35], [10, 35]]  # 22.5, 22.5, 35, 16.25, 0, 0
+SEQ_LORA = [[10, 20], [90, 10], [40, 85]]  # 62.5, 56.25, 10, 76.25, -50, 50, 87.5
+ZEROSHOT = [[10, 35], [10, 35], [10, 35]]  # 22.5, 22.5, 35, 16.25, 0, 0, 22.5
 NAMES = ["alpha", "beta"]
 
 
@@ -37,8 +49,8 @@ def make_run(root, method, seed, R, *, stream="xtail-mini", finished=True, r=16,
               "trainer": {"devices": 1, "accelerator": "cpu", "precision": "32-true"},
               "data": {"eval_batch_size": 256, "num_workers": 0}}
     n_rows = (T + 1) if rows_written is None else rows_written
-    M.write_matrix_csv(out / "matrix.csv", R[:n_rows], NAMES[:T])
-    M.atomic_write_json(out / "run_state.json", {
+    IO.write_matrix_csv(out / "matrix.csv", R[:n_rows], NAMES[:T])
+    IO.atomic_write_json(out / "run_state.json", {
         "config_hash": "x", "config": config, "method": method, "stream": stream, "seed": seed,
         "completed_tasks": n_rows - 1, "num_tasks": T, "finished": finished,
         "train_seconds": train_s, "eval_seconds": eval_s})
@@ -52,7 +64,7 @@ def make_run(root, method, seed, R, *, stream="xtail-mini", finished=True, r=16,
                                                            "data_seed": seed},
                     "method_settings": method_settings or {}, "config": config, "versions": {},
                     "finished": True})
-        M.atomic_write_json(out / "metrics.json", met)
+        IO.atomic_write_json(out / "metrics.json", met)
     return out
 
 
@@ -69,73 +81,102 @@ def results(tmp_path):
 def test_hand_computed_metrics_of_the_fixtures():
     for R, expected in MORAM.values():
         m = M.compute_all(R)
-        got = tuple(m[k] for k in ("last", "mtil_avg", "transfer", "avg_incremental", "bwt", "forgetting"))
+        got = tuple(m[k] for k in ("last", "mtil_avg", "transfer", "avg_incremental", "bwt", "forgetting",
+                                   "plasticity"))
         assert got == pytest.approx(expected)
 
 
-def test_means_sample_stds_and_best_marking(results):
+def test_means_sample_stds_cis_and_best_marking(results):
     lb = L.aggregate(L.collect_runs(results))
     assert lb.problems == [] and lb.num_runs == 5
     (table,) = lb.tables
     assert table.stream == "xtail-mini" and table.modality == "image"
-    assert [s.key for s in table.metrics] == ["last", "mtil_avg", "transfer", "avg_incremental", "bwt", "forgetting"]
+    assert [s.key for s in table.metrics] == ["last", "mtil_avg", "transfer", "avg_incremental", "plasticity",
+                                              "bwt", "forgetting"]
     rows = {r.label: r for r in table.rows}
     assert list(rows) == ["zeroshot", "moram", "seq-lora"]  # reference row first
     moram = rows["moram"]
     assert moram.n == 3 and moram.seeds == [0, 1, 2]
-    # last 70, 72, 77: mean 73, sample std sqrt((9 + 1 + 16) / 2) = sqrt(13)
+    # last 70, 72, 77: mean 73, sample std sqrt((9 + 1 + 16) / 2) = sqrt(13) = 3.6056,
+    # 95 % CI half-width t(0.975, 2) * sqrt(13) / sqrt(3) = 4.303 * 2.0817 = 8.957
     assert moram.mean["last"] == pytest.approx(73.0, abs=1e-12)
     assert moram.std["last"] == pytest.approx(math.sqrt(13), abs=1e-12)
-    # transfer 30, 40, 20: mean 30, std 10
+    assert moram.ci["last"] == pytest.approx(T975[2] * math.sqrt(13) / math.sqrt(3), rel=1e-4)
+    # transfer 30, 40, 20: mean 30, std 10, CI 4.303 * 10 / sqrt(3) = 24.84
     assert moram.mean["transfer"] == pytest.approx(30.0) and moram.std["transfer"] == pytest.approx(10.0)
+    assert moram.ci["transfer"] == pytest.approx(T975[2] * 10 / math.sqrt(3), rel=1e-4)
     # bwt 10, 22, -6: mean 26/3, std sqrt(((4/3)^2 + (40/3)^2 + (44/3)^2) / 2)
     assert moram.mean["bwt"] == pytest.approx(26 / 3)
     assert moram.std["bwt"] == pytest.approx(math.sqrt(((4 / 3) ** 2 + (40 / 3) ** 2 + (44 / 3) ** 2) / 2))
     assert moram.mean["avg_incremental"] == pytest.approx((65 + 61 + 78.5) / 3)
     assert moram.mean["forgetting"] == pytest.approx(-26 / 3)
+    # plasticity (diagonal means) 65, 61, 80
+    assert moram.mean["plasticity"] == pytest.approx(206 / 3)
+    # average accuracy over seen tasks after task 1: 60, 50, 80 (mean 190/3, std sqrt(7/3 * 100)...);
+    # after task 2 it is Last: 70, 72, 77
+    (m1, c1), (m2, c2) = moram.curve
+    assert m1 == pytest.approx(190 / 3) and m2 == pytest.approx(73.0)
+    sd1 = math.sqrt(((60 - 190 / 3) ** 2 + (50 - 190 / 3) ** 2 + (80 - 190 / 3) ** 2) / 2)
+    assert c1 == pytest.approx(T975[2] * sd1 / math.sqrt(3), rel=1e-4) and c2 == pytest.approx(moram.ci["last"])
     # costs: mean over tasks, then over seeds
     assert moram.costs["trainable_params_per_task"] == pytest.approx(200.0)
     assert moram.costs["params_added"] == pytest.approx(410.0)
     assert moram.costs["train_seconds"] == pytest.approx(20.0)
     assert moram.costs["eval_seconds"] == pytest.approx(3.0)
-    # single seed: std unknown (None), never 0
+    assert moram.seconds_per_run == pytest.approx(23.0)
+    # single seed: std and CI unknown (None), never 0
     seq = rows["seq-lora"]
-    assert seq.n == 1 and seq.std["last"] is None and seq.mean["last"] == pytest.approx(62.5)
+    assert seq.n == 1 and seq.std["last"] is None and seq.ci["last"] is None
+    assert seq.mean["last"] == pytest.approx(62.5) and seq.curve == [(90.0, None), (62.5, None)]
     assert seq.missing_seeds == [1, 2]
-    # best: moram everywhere except avg_incremental (seq-lora 76.25 > 68.17); zero-shot's
-    # transfer 35 beats moram's 30 but a row that trains nothing is never marked
-    assert moram.best == {"last", "mtil_avg", "transfer", "bwt", "forgetting"}
-    assert seq.best == {"avg_incremental"}
+    # best: moram everywhere except avg_incremental (seq-lora 76.25 > 68.17) and plasticity
+    # (87.5 > 68.67); zero-shot's transfer 35 beats moram's 30 but a row that trains
+    # nothing is never marked. moram and seq-lora share one seed: no test, no tie.
+    assert moram.best == moram.tied_best == {"last", "mtil_avg", "transfer", "bwt", "forgetting"}
+    assert seq.best == seq.tied_best == {"avg_incremental", "plasticity"}
+    assert seq.p_vs_best["last"] is None and moram.p_vs_best["plasticity"] is None
     zs = rows["zeroshot"]
-    assert zs.reference and zs.best == set() and zs.mean["transfer"] == pytest.approx(35.0)
+    assert zs.reference and zs.best == zs.tied_best == set() and zs.mean["transfer"] == pytest.approx(35.0)
 
 
 def test_markdown_csv_and_latex(results):
     lb = L.aggregate(L.collect_runs(results))
     md = L.render_markdown(lb)
     assert "## xtail-mini" in md
-    assert "| moram | 3 | **73.00 ± 3.61** | **59.83 ± 3.21** | **30.00 ± 10.00** | 68.17 ± 9.17 |" in md
-    assert "| seq-lora | 1 (missing seeds 1, 2) | 62.50 ± – | 56.25 ± – | 10.00 ± – | **76.25 ± –** |" in md
+    # CIs: last 8.96 (above), mtil_avg 57.5/58.5/63.5 -> std sqrt(31/3) -> 4.303 * 1.8559 = 7.99
+    assert "| moram | 3 | **73.00 ± 8.96** | **59.83 ± 7.99** | **30.00 ± 24.84** | 68.17 ± 22.78 |" in md
+    assert "| seq-lora | 1 (missing seeds 1, 2) | 62.50 ± – | 56.25 ± – | 10.00 ± – | **76.25 ± –** | **87.50 ± –** |" in md
     assert "| zeroshot (reference) | 1 (missing seeds 1, 2) | 22.50 ± – |" in md
     assert "backbone mini-clip (mini.pt); 2 tasks (alpha, beta); shots: 16; templates: a photo of a {}." in md
     assert "200 | 410 | 20.0 s | 3.0 s |" in md
-    assert "Unfinished" not in md
+    assert "95 % confidence interval (Student t" in md and "paired t-test" in md
+    # how long the runs took: per row per run, and the table's total (12 + 3 * 23 + 12 = 93 s)
+    assert ("Time per run (training + evaluation, mean over seeds): zeroshot (reference) 12.0 s; moram 23.0 s; "
+            "seq-lora 12.0 s. All 5 runs of this table: 93.0 s.") in md
+    assert "Unfinished" not in md and ".png" not in md  # no pictures unless given
 
     rows = list(csv.DictReader(io.StringIO(L.render_csv(lb))))
     assert [r["label"] for r in rows] == ["zeroshot", "moram", "seq-lora"]
     m = rows[1]
     assert m["status"] == "finished" and m["n_seeds"] == "3" and m["seeds"] == "0;1;2"
     assert float(m["last_mean"]) == 73.0 and float(m["last_std"]) == pytest.approx(math.sqrt(13), abs=1e-6)
-    assert m["best"] == "last;mtil_avg;transfer;bwt;forgetting"
+    assert float(m["last_ci95"]) == pytest.approx(8.9567, rel=1e-4) and m["last_tied_best"] == "true"
+    assert m["avg_incremental_tied_best"] == "false" and m["avg_incremental_p_vs_best"] == ""
+    assert m["best"] == "last;mtil_avg;transfer;bwt;forgetting" and m["task_order"] == "alpha;beta"
     assert float(m["params_added"]) == 410.0 and m["bwt_trace_magnitude_mean"] == ""
-    assert rows[2]["last_std"] == "" and rows[2]["best"] == "avg_incremental"
-    assert rows[0]["best"] == "" and "reference" in rows[0]["note"]
+    assert m["bwt_trace_magnitude_tied_best"] == ""  # not a column of this table
+    assert rows[2]["last_ci95"] == "" and rows[2]["best"] == "avg_incremental;plasticity"
+    assert rows[2]["plasticity_tied_best"] == "true" and rows[2]["last_tied_best"] == "false"
+    assert rows[0]["best"] == "" and "reference" in rows[0]["note"] and rows[0]["last_tied_best"] == "false"
+    for metric in ("last", "plasticity", "forgetting"):
+        assert {f"{metric}_mean", f"{metric}_ci95", f"{metric}_tied_best"} <= set(m)
 
     tex = L.render_latex(lb)
     assert "\\toprule" in tex and "\\bottomrule" in tex and "\\begin{tabular}{lr" in tex
-    assert "moram & 3 & \\textbf{73.00} $\\pm$ 3.61 &" in tex
+    assert "moram & 3 & \\textbf{73.00 $\\pm$ 8.96} &" in tex
     assert "seq-lora & 1 (missing seeds 1, 2) & 62.50 $\\pm$ -- &" in tex
     assert "xtail-mini" in tex and "xtail\\_mini" not in tex  # '-' needs no escaping
+    assert "All 5 runs of this table: 93.0 s." in tex
 
 
 def test_different_settings_are_separate_rows_labelled_by_the_difference(tmp_path):
@@ -175,8 +216,10 @@ def test_other_stream_settings_make_another_table(tmp_path):
     make_run(tmp_path, "seq-lora", 0, SEQ_LORA)
     make_run(tmp_path, "seq-lora", 1, SEQ_LORA, iterations=50)
     lb = L.aggregate(L.collect_runs(tmp_path))
-    assert [[r.label for r in t.rows] for t in lb.tables] == [["seq-lora"], ["moram", "seq-lora"]]
-    assert [t.distinct for t in lb.tables] == [{"stream.iterations": 50}, {"stream.iterations": 500}]
+    # the table with more runs first
+    assert [[r.label for r in t.rows] for t in lb.tables] == [["moram", "seq-lora"], ["seq-lora"]]
+    assert [t.distinct for t in lb.tables] == [{"stream.iterations": 500}, {"stream.iterations": 50}]
+    assert not any(t.show_order for t in lb.tables)  # same task order: titles are the stream's name
     md = L.render_markdown(lb)
     assert "a photo of a {}.; stream.iterations=50*" in md and "a photo of a {}.; stream.iterations=500*" in md
 
@@ -187,7 +230,7 @@ def test_backbone_weights_recorded_by_the_run_name_and_split_the_tables(tmp_path
     def with_weights(out, desc):
         met = json.loads((out / "metrics.json").read_text())
         met["backbone_weights"] = desc
-        M.atomic_write_json(out / "metrics.json", met)
+        IO.atomic_write_json(out / "metrics.json", met)
 
     with_weights(make_run(tmp_path, "moram", 0, MORAM[0][0]), "ImageNet EfficientNet + MiniLM [key1]")
     with_weights(make_run(tmp_path, "seq-lora", 0, SEQ_LORA), "ImageNet EfficientNet + MiniLM [key2]")
@@ -214,7 +257,7 @@ def test_unfinished_unreadable_and_duplicate_runs_are_listed(results):
     make_run(results, "moram", 3, MORAM[0][0], finished=False, rows_written=2)
     # says finished but matrix.csv lost its last row
     bad = make_run(results, "seq-lora", 1, SEQ_LORA)
-    M.write_matrix_csv(bad / "matrix.csv", np.asarray(SEQ_LORA)[:2], NAMES)
+    IO.write_matrix_csv(bad / "matrix.csv", np.asarray(SEQ_LORA)[:2], NAMES)
     # corrupt metrics.json
     broken = make_run(results, "seq-lora", 2, SEQ_LORA)
     (broken / "metrics.json").write_text("{not json")
@@ -250,7 +293,7 @@ def test_unfinished_unreadable_and_duplicate_runs_are_listed(results):
 
 def test_inconsistent_matrix_files_are_not_trusted(tmp_path):
     out = make_run(tmp_path, "moram", 0, MORAM[0][0])
-    M.write_matrix_csv(out / "matrix.csv", MORAM[1][0], NAMES)  # another run's matrix
+    IO.write_matrix_csv(out / "matrix.csv", MORAM[1][0], NAMES)  # another run's matrix
     (rec,) = L.collect_runs(tmp_path)
     assert rec.status == "unreadable" and "different accuracy matrices" in rec.reason
 
@@ -265,10 +308,11 @@ def test_text_stream_headline_and_paper_references(tmp_path):
     lb = L.aggregate(L.collect_runs(tmp_path))
     (table,) = lb.tables
     assert "max train: all" in table.describe() and "max test: 40" in table.describe()
-    assert [s.label for s in table.metrics] == ["OP", "BWT", "|BWT| (TRACE)"]
+    assert [s.label for s in table.metrics] == ["OP", "Plasticity", "BWT", "|BWT| (TRACE)"]
     rows = {r.label: r for r in table.rows}
     assert rows["moram"].mean["bwt_trace_magnitude"] == pytest.approx(5.0)
     assert rows["o-lora"].best == {"last", "bwt", "bwt_trace_magnitude"}
+    assert rows["moram"].best == {"plasticity"}  # diagonal (40 + 50) / 2 = 45 vs (40 + 44) / 2 = 42
     md = L.render_markdown(lb)
     assert "Paper reference numbers (TRACE" in md and "| MoRAM | LLaMA-2-7B-Chat | 44.54 | 1.37 |" in md
     paper = [r for r in csv.DictReader(io.StringIO(L.render_csv(lb))) if r["status"] == "paper"]
@@ -279,11 +323,14 @@ def test_text_stream_headline_and_paper_references(tmp_path):
 
 def test_references_only_for_real_streams():
     assert L.references_for("xtail")["rows"][3][0] == "MoRAM"
-    assert L.references_for("X-TAIL") is L.PAPER_REFERENCES["xtail"]
-    assert L.references_for("mtil") is L.PAPER_REFERENCES["mtil"]
+    refs = L.load_references()  # references.yaml in the package
+    assert L.references_for("X-TAIL") is refs["xtail"]
+    assert L.references_for("mtil") is refs["mtil"]
     assert L.references_for("mtil-order2") is None
     assert L.references_for("xtail-mini") is None and L.references_for("synthetic-tiny") is None
-    assert L.references_for("trace") is L.PAPER_REFERENCES["trace"]
+    assert L.references_for("trace") is refs["trace"]
+    assert refs["trace"]["rows"][2] == ("MoRAM", "LLaMA-2-7B-Chat", {"last": 44.54, "bwt_trace_magnitude": 1.37})
+    assert refs["xtail"]["rows"][3][2] == {"transfer": 63.3, "mtil_avg": 72.7, "last": 80.9}
 
 
 def test_formatting_helpers():
@@ -303,7 +350,10 @@ def test_cli_writes_the_three_files_and_the_readme_block(results, capsys):
     for name in ("LEADERBOARD.md", "leaderboard.csv", "leaderboard.tex"):
         assert (results / name).stat().st_size > 0
     md = (results / "LEADERBOARD.md").read_text()
-    assert md.startswith("# Leaderboard") and "**73.00 ± 3.61**" in md
+    assert md.startswith("# Leaderboard") and "**73.00 ± 8.96**" in md
+    # the stream's picture, linked from LEADERBOARD.md and (relative to it) from the README
+    assert (results / "xtail-mini.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](xtail-mini.png)" in md
     readme = (results / "README.md").read_text()
     assert readme.startswith("intro\n<!-- leaderboard:start -->\n### Leaderboard")
     assert "\nold\n" not in readme and readme.endswith("<!-- leaderboard:end -->\nend\n")
@@ -318,7 +368,12 @@ def test_cli_writes_the_three_files_and_the_readme_block(results, capsys):
     top.write_text("<!-- leaderboard:start --><!-- leaderboard:end -->")
     plain.write_text("no markers")
     assert L.main([str(results), "--readme", str(top), "--readme", str(plain)]) == 0
-    assert "**73.00 ± 3.61**" in top.read_text() and plain.read_text() == "no markers"
+    assert "**73.00 ± 8.96**" in top.read_text() and plain.read_text() == "no markers"
+    sub = results / "docs"
+    sub.mkdir()
+    (sub / "deep.md").write_text("<!-- leaderboard:start --><!-- leaderboard:end -->")
+    assert L.main([str(results), "--readme", str(sub / "deep.md")]) == 0
+    assert "](../xtail-mini.png)" in (sub / "deep.md").read_text()
 
 
 def test_cli_errors(tmp_path, capsys):
