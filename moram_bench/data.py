@@ -10,6 +10,12 @@
 - Image items are ``{"x", "label", "task"}`` with the stream's label (offset into the union
   label space). When the backbone's image trunk is frozen and un-adapted, ``cache_features``
   replaces pixels by trunk features computed once (and cached on disk): ``is_feature``.
+- Training images go through ``train_transform`` (open_clip's training augmentation) when
+  the stream asks for it (``settings["train_transform"] == "train"``: the real X-TAIL and
+  MTIL streams, as in the official code) and the backbone has one; otherwise, and whenever
+  features are cached, through the evaluation ``transform``. The transform actually used
+  is written back to the stream's settings (``train_transform``: ``train`` or ``eval``),
+  which metrics.json records.
 """
 from __future__ import annotations
 
@@ -118,7 +124,7 @@ def collate(items: list[dict]) -> dict:
 class TaskStreamDataModule(pl.LightningDataModule):
     def __init__(self, stream: Stream, batch_size: int, steps_per_task: list[int], seed: int,
                  eval_batch_size: int = 256, num_workers: int = 0, transform: Callable | None = None,
-                 collate_fn: Callable = collate):
+                 collate_fn: Callable = collate, train_transform: Callable | None = None):
         super().__init__()
         self.stream = stream
         self.batch_size = batch_size
@@ -127,21 +133,32 @@ class TaskStreamDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.transform = transform
+        wanted = stream.settings.get("train_transform", "eval") == "train"
+        self.train_transform = train_transform if wanted else None
+        self._record_train_transform()
         self.collate_fn = collate_fn
         self.task = 0
         self._features: dict[tuple[str, int], Dataset] | None = None
+
+    def _record_train_transform(self) -> None:
+        if self.stream.modality == "image":
+            self.stream.settings["train_transform"] = "train" if self.train_transform is not None else "eval"
 
     # ---- datasets ---------------------------------------------------------------------------
     def set_task(self, task: int) -> None:
         self.task = task
 
-    def dataset(self, split: str, task: int) -> Dataset:
+    def dataset(self, split: str, task: int, augment: bool = True) -> Dataset:
+        """Task ``task``'s ``train`` or ``test`` split; training images through the training
+        transform unless ``augment`` is False."""
         if self._features is not None:
             return self._features[(split, task)]
         t = self.stream.tasks[task]
         base = t.train if split == "train" else t.test
         if self.stream.modality == "image":
-            return _ImageTaskDataset(base, task, t.label_offset, self.transform)
+            tf = self.train_transform if split == "train" and augment and self.train_transform is not None \
+                else self.transform
+            return _ImageTaskDataset(base, task, t.label_offset, tf)
         return base
 
     def _rank_world(self) -> tuple[int, int]:
@@ -180,7 +197,10 @@ class TaskStreamDataModule(pl.LightningDataModule):
     @torch.no_grad()
     def cache_features(self, trunk: Callable[[torch.Tensor], torch.Tensor], backbone_id: str,
                        cache_dir: Path | None, device: torch.device | str = "cpu", log: Callable = print) -> None:
-        """Replace every image dataset by the trunk's features (computed once, cached)."""
+        """Replace every image dataset by the trunk's features (computed once, cached).
+        Cached features come from the evaluation transform, so training then uses it too."""
+        self.train_transform = None
+        self._record_train_transform()
         path = Path(cache_dir) / "features" / f"{self.cache_key(backbone_id)}.pt" if cache_dir else None
         if path is not None and path.exists():
             try:
@@ -202,7 +222,7 @@ class TaskStreamDataModule(pl.LightningDataModule):
             bar = None
         for t in range(len(self.stream)):
             for split in ("train", "test"):
-                ds = self.dataset(split, t)
+                ds = self.dataset(split, t, augment=False)
                 loader = DataLoader(ds, batch_size=128, shuffle=False, num_workers=self.num_workers, collate_fn=collate)
                 fs, ls = [], []
                 for b in loader:

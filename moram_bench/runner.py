@@ -336,7 +336,8 @@ def run(cfg: DictConfig) -> Path | None:
     world = processes_per_node(cfg) * int(cfg.trainer.num_nodes)
     dm = TaskStreamDataModule(stream, batch_size=int(cfg.stream.batch_size) // max(1, world) * max(1, world),
                               steps_per_task=steps, seed=int(cfg.seed), eval_batch_size=int(cfg.data.eval_batch_size),
-                              num_workers=int(cfg.data.num_workers), transform=getattr(backbone, "preprocess", None))
+                              num_workers=int(cfg.data.num_workers), transform=getattr(backbone, "preprocess", None),
+                              train_transform=getattr(backbone, "train_preprocess", None))
     if stream.modality == "image" and cfg.data.cache_features and getattr(backbone, "trunk_cacheable", False):
         backbone_id = f"{cfg.backbone.name}:{OmegaConf.to_container(cfg.backbone, resolve=True)}:{backbone.info.get('weights_id', '')}"
         dm.cache_features(backbone.image_trunk, backbone_id, cache_dir(cfg), log=say)

@@ -63,7 +63,7 @@ def test_xtail_union_label_space_offsets_and_settings(root):
     assert len(s.all_prompts()) == 16
     assert s.all_prompts()[0] == "a photo of a 707-320, a type of aircraft."
     assert s.all_prompts()[3] == "banded texture."
-    assert s.all_prompts()[6] == 'a photo of the number: "0".'
+    assert s.all_prompts()[6] == 'a photo of the number: "number: "0 - zero"".'  # the official MNIST names
     for t in s.tasks:
         counts = np.bincount(t.train.labels, minlength=t.num_classes)
         assert (counts == 4).all()  # 4 shots per class

@@ -33,11 +33,13 @@ class ClipBackbone(nn.Module):
         name: str,
         info: dict[str, Any] | None = None,
         pad_id: int | None = None,
+        train_preprocess: Callable | None = None,
     ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.preprocess = preprocess
+        self.preprocess = preprocess  # evaluation transform
+        self.train_preprocess = train_preprocess  # open_clip's training transform (None: none)
         # trunk/head are references into self.model, not separate copies; keep them out
         # of the module tree so state_dict keys stay those of the open_clip model
         object.__setattr__(self, "_trunk", trunk)

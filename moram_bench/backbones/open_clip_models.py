@@ -128,7 +128,7 @@ def _text_pad_id(model: nn.Module) -> int | None:
 
 
 def _wrap(model: nn.Module, tokenizer, preprocess, name: str, cfg: DictConfig,
-          info: dict[str, Any], strict_placement: bool) -> ClipBackbone:
+          info: dict[str, Any], strict_placement: bool, train_preprocess=None) -> ClipBackbone:
     """Unfuse attention, work out the adapter targets and build the ``ClipBackbone``."""
     n_unfused = unfuse_attention(model)
     custom = OmegaConf.select(cfg, "backbone.adapter_targets", default=None)
@@ -152,7 +152,7 @@ def _wrap(model: nn.Module, tokenizer, preprocess, name: str, cfg: DictConfig,
     )
     model.eval()
     return ClipBackbone(model, tokenizer, preprocess, trunk, head, name, info,
-                        pad_id=_text_pad_id(model))
+                        pad_id=_text_pad_id(model), train_preprocess=train_preprocess)
 
 
 def _eval_transform(model: nn.Module):
@@ -340,7 +340,7 @@ def _build_open_clip(cfg, default_arch: str | None, name: str) -> ClipBackbone:
     # archives are loaded below. Random init runs on a private, seeded RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(b("init_seed", 0)))
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=path if kind in ("file", "tag") and not torchscript else None, **kwargs)
     if torchscript:
         _load_torchscript_weights(model, path)
@@ -348,7 +348,8 @@ def _build_open_clip(cfg, default_arch: str | None, name: str) -> ClipBackbone:
     info = {"arch": model_name, "pretrained": pretrained, "weights": path, "weights_kind": kind,
             "quick_gelu": bool(quick_gelu), "embed_dim": getattr(model.visual, "output_dim", None),
             "context_length": getattr(tokenizer, "context_length", None)}
-    return _wrap(model, tokenizer, preprocess, name, cfg, info, strict_placement=False)
+    return _wrap(model, tokenizer, preprocess, name, cfg, info, strict_placement=False,
+                 train_preprocess=train_preprocess)
 
 
 @register_backbone("open-clip")

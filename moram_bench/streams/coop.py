@@ -93,6 +93,7 @@ class DomainData:
     val: ImageSet | None = None
     source: str = ""  # where the class names came from
     notes: list[str] = field(default_factory=list)
+    raw_classnames: list[str] | None = None  # as the split file spells them (CoOp split domains)
 
     def counts(self) -> dict[str, int]:
         out = {"classes": len(self.classnames), "train": len(self.train)}
@@ -195,7 +196,8 @@ def _check_parent_dirs(domain: str, image_dir: Path, rels) -> None:
 
 
 def read_zhou_split(domain: str, split_path: Path, rename: dict[str, str] | None = None):
-    """Parse a CoOp split file. Returns ``({split: (paths, labels)}, classnames)``."""
+    """Parse a CoOp split file. Returns ``({split: (paths, labels)}, classnames)`` with the
+    names as the file spells them (after ``rename``); ``C.prompt_name`` cleans them."""
     try:
         with open(split_path, encoding="utf-8") as f:
             raw = json.load(f)
@@ -239,19 +241,19 @@ def read_zhou_split(domain: str, split_path: Path, rename: dict[str, str] | None
     gaps = [i for i in range(k) if i not in names]
     if gaps:
         raise DataMalformed(domain, split_path, f"labels are not 0..{k - 1}: label {gaps[0]} never occurs")
-    return splits, [C.prompt_name(names[i]) for i in range(k)]
+    return splits, [names[i] for i in range(k)]
 
 
 def _load_coop(domain: str, root: Path, image_subdir: str, split_name: str,
                rename: dict[str, str] | None = None) -> DomainData:
     image_dir = _require(domain, root / image_subdir, "image folder", is_dir=True) if image_subdir else root
     split_path = _require(domain, root / split_name, f"CoOp split file {split_name}")
-    splits, names = read_zhou_split(domain, split_path, rename)
+    splits, raw = read_zhou_split(domain, split_path, rename)
     for paths, _ in splits.values():
         _check_parent_dirs(domain, image_dir, paths)
     sets = {k: FileImageSet(p, l, root=str(image_dir)) for k, (p, l) in splits.items()}
-    return DomainData(domain, root, names, sets["train"], sets["test"], sets.get("val"),
-                      source=f"{split_path} (CoOp split file)")
+    return DomainData(domain, root, [C.prompt_name(n) for n in raw], sets["train"], sets["test"], sets.get("val"),
+                      source=f"{split_path} (CoOp split file)", raw_classnames=raw)
 
 
 # ---- the CoOp datasets ---------------------------------------------------------------------

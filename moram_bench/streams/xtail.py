@@ -11,7 +11,11 @@
 Settings (``conf/stream/{xtail,mtil}.yaml``): ``domains`` (null: the official order; a list
 selects and orders domains), ``shots`` (null: full-shot), ``shot_seed``,
 ``max_test_per_domain`` (null: full test splits; else a fixed, seeded subset for quick
-runs). Everything that decides the samples is recorded in ``Stream.settings``.
+runs), ``prompts`` (``official``: the official MoRAM X-TAIL code's templates and class
+names; ``coop``: CoOp's zero-shot templates with cleaned names; see ``streams.classnames``)
+and ``train_transform`` (``train``: training images through open_clip's training
+transform, as the official code does; ``eval``: through the evaluation transform).
+Everything that decides the samples and the prompts is recorded in ``Stream.settings``.
 """
 from __future__ import annotations
 
@@ -84,12 +88,18 @@ def build_clip_stream(cfg, name: str) -> Stream:
     if isinstance(shot_seed, bool) or not isinstance(shot_seed, int):  # null too: never the run seed
         raise StreamError(f"stream.shot_seed must be an integer, got {shot_seed!r}")
     max_test = _positive_or_none(scfg, "max_test_per_domain")
+    prompt_set = scfg.get("prompts", "official")
+    if prompt_set not in C.PROMPT_SETS:
+        raise StreamError(f"stream.prompts must be one of {', '.join(C.PROMPT_SETS)}, got {prompt_set!r}")
+    train_transform = scfg.get("train_transform", "train")
+    if train_transform not in ("train", "eval"):
+        raise StreamError(f"stream.train_transform must be train or eval, got {train_transform!r}")
     data_dir = cfg.get("data_dir")
     if data_dir is None or str(data_dir) == "":
         raise StreamError(f"stream {name} reads local datasets: set data_dir=PATH "
                           "(the folder holding them; layouts in docs/REAL_BENCHMARKS.md)")
 
-    tasks, per_domain = [], {}
+    tasks, per_domain, templates = [], {}, {}
     for d in domains:
         data = load_domain(d, data_dir)
         train = data.train
@@ -98,11 +108,12 @@ def build_clip_stream(cfg, name: str) -> Stream:
         test = data.test
         if max_test is not None and len(test) > max_test:
             test = test.subset(eval_subset_indices(len(test), max_test, int(shot_seed)))
-        template = C.TEMPLATES[d]
-        tasks.append(Task(name=d, train=train, test=test, classnames=list(data.classnames), template=template,
+        template, names = C.prompt_inputs(d, data.classnames, data.raw_classnames, prompt_set)
+        templates[d] = template
+        tasks.append(Task(name=d, train=train, test=test, classnames=names, template=template,
                           extra={"domain": d, "root": str(data.root), "classnames_source": data.source}))
-        per_domain[d] = {"classes": len(data.classnames), "train": len(train), "test": len(test),
-                         "classnames_sha": _names_hash(data.classnames)}
+        per_domain[d] = {"classes": len(names), "train": len(train), "test": len(test),
+                         "classnames_sha": _names_hash(names)}
 
     settings = {
         "protocol": proto["title"],
@@ -113,7 +124,9 @@ def build_clip_stream(cfg, name: str) -> Stream:
         "max_test_per_domain": max_test,
         "label_space": proto["label_space"],
         "num_classes": sum(v["classes"] for v in per_domain.values()),
-        "templates": {d: C.TEMPLATES[d] for d in domains},
+        "prompts": prompt_set,
+        "templates": templates,
+        "train_transform": train_transform,  # requested; the DataModule records what it used
         "per_domain": per_domain,
         "domain_id_at_test": False,
     }
