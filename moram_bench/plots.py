@@ -1,4 +1,5 @@
-"""Pictures of a run: the accuracy matrix, the average-accuracy curve, routing shares.
+"""Pictures of a run (the accuracy matrix, the average-accuracy curve, routing shares) and
+of the leaderboard (methods compared on a stream, mean and confidence interval over seeds).
 
 Headless by construction: figures are built with ``matplotlib.figure.Figure`` on an Agg
 canvas, never through ``pyplot``, so no display, no global backend switch and no figure
@@ -33,6 +34,8 @@ __all__ = [
     "routing_png",
     "save_figure_png",
     "heatmap_figsize",
+    "comparison_figure",
+    "comparison_png",
 ]
 
 DPI = 100
@@ -205,3 +208,75 @@ def routing_png(M: Any, task_names: Sequence[str], path: str | os.PathLike,
                 title: Optional[str] = None) -> Path:
     """Save :func:`routing_figure` as a PNG at ``path`` (atomically); returns the path."""
     return save_figure_png(routing_figure(M, task_names, title), path)
+
+
+# ------------------------------------------------------------------ leaderboard pictures
+
+
+def _ci_band(values: Sequence[Optional[float]]) -> np.ndarray:
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def comparison_figure(panels: Sequence[dict], title: Optional[str] = None) -> Figure:
+    """Methods compared on one stream, one line of two plots per panel (a table of the
+    leaderboard, e.g. one per task order):
+
+    - left: the average accuracy over the tasks seen so far after each task t = 1..T,
+      one line per method (its mean over seeds) with its confidence band;
+    - right: plasticity (x) against forgetting (y), one point per method with its
+      confidence interval as error bars (up and to the right: learns well but forgets;
+      the lower right corner is the good one).
+
+    Each panel: ``{"title": str, "task_names": [...], "series": [{"label": str,
+    "curve": [(mean, ci), ...] (one per task), "plasticity": (mean, ci), "forgetting":
+    (mean, ci), "reference": bool}, ...]}``; a ``ci`` of ``None`` (a single seed) draws
+    no band or bar, a ``mean`` of ``None`` leaves the point out."""
+    if not panels:
+        raise ValueError("no panels to draw")
+    T_max = max(len(p["task_names"]) for p in panels)
+    fig = _new_figure((max(11.0, 6.0 + 0.9 * T_max), 4.6 * len(panels)))
+    axes = fig.subplots(len(panels), 2, squeeze=False, gridspec_kw={"width_ratios": [1.4, 1.0]})
+    colors = [f"C{i}" for i in range(10)]
+    for (ax_c, ax_t), panel in zip(axes, panels):
+        names = [str(n) for n in panel["task_names"]]
+        T = len(names)
+        x = np.arange(1, T + 1)
+        for i, s in enumerate(panel["series"]):
+            color = "grey" if s.get("reference") else colors[i % len(colors)]
+            style = "--" if s.get("reference") else "-"
+            if len(s["curve"]) != T:
+                raise ValueError(f"{s['label']}: {len(s['curve'])} curve points for {T} tasks")
+            mean = _ci_band([m for m, _ in s["curve"]])
+            ci = _ci_band([c for _, c in s["curve"]])
+            ax_c.plot(x, mean, style, marker="o", ms=4, color=color, label=s["label"])
+            if np.isfinite(ci).any():
+                ax_c.fill_between(x, mean - ci, mean + ci, color=color, alpha=0.15, lw=0)
+            (pm, pc), (fm, fc) = s["plasticity"], s["forgetting"]
+            if pm is not None and fm is not None:
+                ax_t.errorbar([pm], [fm], xerr=None if pc is None else [pc], yerr=None if fc is None else [fc],
+                              fmt="s" if s.get("reference") else "o", color=color, capsize=3, ms=6,
+                              label=s["label"])
+                ax_t.annotate(s["label"], (pm, fm), textcoords="offset points", xytext=(5, 5), fontsize=7,
+                              color=color)
+        ax_c.set_xticks(x, [f"{i} {_short(n, 12)}" for i, n in enumerate(names, 1)], rotation=30, ha="right",
+                        rotation_mode="anchor")
+        ax_c.set_xlim(0.7, T + 0.3)
+        ax_c.set_ylim(0, 100)
+        ax_c.set_xlabel("after training task t")
+        ax_c.set_ylabel("mean accuracy over seen tasks (%)")
+        ax_c.grid(alpha=0.3)
+        ax_c.legend(loc="best", fontsize=7)
+        ax_c.set_title(panel.get("title", ""), fontsize=9)
+        ax_t.axhline(0.0, color="grey", lw=0.8, ls=":")
+        ax_t.set_xlabel("plasticity: accuracy right after training a task (%)")
+        ax_t.set_ylabel("forgetting (%)")
+        ax_t.grid(alpha=0.3)
+        ax_t.set_title("trade-off (mean, 95 % CI over seeds)", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def comparison_png(panels: Sequence[dict], path: str | os.PathLike, title: Optional[str] = None) -> Path:
+    """Save :func:`comparison_figure` as a PNG at ``path`` (atomically); returns the path."""
+    return save_figure_png(comparison_figure(panels, title), path)

@@ -402,3 +402,197 @@ def test_protocol_settings_shown_and_seed_dependent_ones_ignored(tmp_path):
     settings["data_sha256"] = {"d1.npz": "cd34"}
     make_run(tmp_path, "moram", 2, MORAM[2][0], stream_settings=settings)
     assert len(L.aggregate(L.collect_runs(tmp_path)).tables) == 2
+
+
+# ------------------------------------------------------------------ statistics by hand
+
+
+def test_t_quantiles_match_the_table():
+    for df, t in T975.items():
+        assert L.t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+    assert L.t_quantile(0.5, 3) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError):
+        L.t_quantile(0.975, 0)
+
+
+def test_confidence_interval_half_width():
+    # n = 5, std 2: 2.7764 * 2 / sqrt(5) = 2.4833;  n = 10, std 1: 2.2622 / sqrt(10) = 0.71536
+    assert L.ci95(2.0, 5) == pytest.approx(T975[4] * 2 / math.sqrt(5), rel=1e-4)
+    assert L.ci95(1.0, 10) == pytest.approx(0.71536, rel=1e-4)
+    assert L.ci95(3.0, 1) is None and L.ci95(None, 4) is None
+
+
+def test_paired_t_test_p_values_by_hand():
+    # d = a - b = [1, 3]: mean 2, sd sqrt(2), t = 2 / (sqrt(2) / sqrt(2)) = 2, df 1:
+    #   p = 1 - 2 atan(2) / pi = 1 - 2 * 1.107149 / 3.141593 = 0.295167
+    assert L.paired_t_test([11, 13], [10, 10]) == pytest.approx(1 - 2 * math.atan(2) / math.pi, rel=1e-9)
+    assert L.paired_t_test([11, 13], [10, 10]) == pytest.approx(0.295167, abs=1e-6)
+    # d = [1, 2, 3]: mean 2, sd 1, t = 2 * sqrt(3) = 3.4641, df 2:
+    #   p = 1 - t / sqrt(2 + t^2) = 1 - 3.4641 / sqrt(14) = 0.074180
+    assert L.paired_t_test([3, 4, 5], [2, 2, 2]) == pytest.approx(1 - 2 * math.sqrt(3) / math.sqrt(14), rel=1e-9)
+    # the sign does not matter (two-sided)
+    assert L.paired_t_test([2, 2, 2], [3, 4, 5]) == pytest.approx(0.074180, abs=1e-6)
+    # identical pairs: no difference at all; a constant shift: no noise to hide it
+    assert L.paired_t_test([5, 6, 7], [5, 6, 7]) == 1.0
+    assert L.paired_t_test([6, 7, 8], [5, 6, 7]) == 0.0
+    assert L.paired_t_test([1], [2]) is None
+    with pytest.raises(ValueError):
+        L.paired_t_test([1, 2], [1])
+
+
+# T = 1 runs: every "seen tasks" metric is the single entry R[1, 1], so Last = the value.
+# Rows of 'last' over seeds 0, 1, 2 (A is the best, mean 73):
+#   A 70, 72, 77
+#   B 60, 61, 65: A - B = 10, 11, 12: mean 11, sd 1, t = 11 sqrt(3) = 19.053, df 2:
+#     p = 1 - 19.053 / sqrt(2 + 363) = 0.0027 < 0.05 -> significantly worse, not tied
+#   C 62.5, 71, 74: A - C = 7.5, 1, 3: mean 23/6, sd sqrt(133/12) = 3.3292,
+#     t = (23/6) / (3.3292 / sqrt(3)) = 1.9944, p = 1 - 1.9944 / sqrt(2 + 3.9776) = 0.1843 -> tied
+#   D 72 on seed 0 only: one common seed with A, untested, not tied
+#   Z 99 on every seed but trains nothing: a reference, never marked
+LAST_BY_ROW = {"a": (70, 72, 77), "b": (60, 61, 65), "c": (62.5, 71, 74), "d": (72,), "z": (99, 99, 99)}
+
+
+@pytest.fixture
+def noisy(tmp_path):
+    for method, values in LAST_BY_ROW.items():
+        for seed, v in enumerate(values):
+            make_run(tmp_path, method, seed, [[5.0], [v]], trainable=(0,) if method == "z" else (10,))
+    return tmp_path
+
+
+def test_tied_best_by_paired_t_test(noisy):
+    (table,) = L.aggregate(L.collect_runs(noisy)).tables
+    rows = {r.method: r for r in table.rows}
+    a, b, c, d, z = (rows[k] for k in "abcdz")
+    assert a.best == {"last", "mtil_avg", "avg_incremental", "plasticity"} == a.tied_best
+    assert b.tied_best == set() and b.p_vs_best["last"] == pytest.approx(1 - 11 * math.sqrt(3) / math.sqrt(365),
+                                                                          rel=1e-9)
+    t_c = (23 / 6) / (math.sqrt(133 / 12) / math.sqrt(3))
+    assert c.p_vs_best["last"] == pytest.approx(1 - t_c / math.sqrt(2 + t_c ** 2), rel=1e-9)
+    assert c.p_vs_best["last"] == pytest.approx(0.1843, abs=1e-4)
+    assert "last" in c.tied_best and "last" not in c.best
+    assert d.p_vs_best["last"] is None and d.tied_best == set()
+    assert z.reference and z.tied_best == set() and z.p_vs_best == {}
+    # B: mean 62, sd sqrt(7), CI 4.3027 * sqrt(7) / sqrt(3) = 6.5725
+    assert b.mean["last"] == pytest.approx(62.0) and b.ci["last"] == pytest.approx(6.5725, abs=1e-4)
+    # undefined for T = 1 (bwt, forgetting, transfer): nothing to mark
+    assert all("bwt" not in r.tied_best and r.mean["bwt"] is None for r in table.rows)
+
+    md = L.render_markdown(L.aggregate(L.collect_runs(noisy)))
+    assert "| a | 3 | **73.00 ± 8.96** |" in md
+    assert "| b | 3 | 62.00 ± 6.57 |" in md
+    assert "| c | 3 | **69.17 ± " in md and "** ≈ |" in md
+    assert "| d | 1 (missing seeds 1, 2) | 72.00 ± – |" in md
+    csv_rows = {r["method"]: r for r in csv.DictReader(io.StringIO(L.render_csv(L.aggregate(L.collect_runs(noisy)))))}
+    assert [csv_rows[k]["last_tied_best"] for k in "abcdz"] == ["true", "false", "true", "false", "false"]
+    assert float(csv_rows["c"]["last_p_vs_best"]) == pytest.approx(0.1843, abs=1e-4)
+    assert csv_rows["d"]["last_p_vs_best"] == "" and csv_rows["a"]["bwt_tied_best"] == ""
+    tex = L.render_latex(L.aggregate(L.collect_runs(noisy)))
+    assert "c & 3 & \\textbf{69.17 $\\pm$ " in tex and "} $\\approx$ &" in tex
+
+
+# ------------------------------------------------------------ names, orders, transforms
+
+
+def test_display_name_names_the_row(tmp_path):
+    # a method may name its row (e.g. l2p on a CNN backbone: 'l2p (text prompts)'), top level
+    # or among its method facts
+    make_run(tmp_path, "l2p", 0, MORAM[0][0], method_settings={"display_name": "l2p (text prompts)"})
+    out = make_run(tmp_path, "moram", 0, MORAM[1][0])
+    met = json.loads((out / "metrics.json").read_text())
+    met["display_name"] = "MoRAM (ours)"
+    IO.atomic_write_json(out / "metrics.json", met)
+    (table,) = L.aggregate(L.collect_runs(tmp_path)).tables
+    assert sorted(r.label for r in table.rows) == ["MoRAM (ours)", "l2p (text prompts)"]
+    assert "| l2p (text prompts) | 1 |" in L.render_markdown(L.aggregate(L.collect_runs(tmp_path)))
+
+
+def test_a_second_domain_order_is_a_separate_table_labelled_by_its_order(tmp_path):
+    def with_order(out, names, domains):
+        met = json.loads((out / "metrics.json").read_text())
+        met["task_names"] = names
+        met["config"]["stream"]["domains"] = domains
+        IO.atomic_write_json(out / "metrics.json", met)
+        IO.write_matrix_csv(out / "matrix.csv", met["matrix"], names)
+
+    for seed in range(3):
+        with_order(make_run(tmp_path, "moram", seed, MORAM[seed][0]), ["alpha", "beta"], None)
+        with_order(make_run(tmp_path, "seq-lora", seed, MORAM[seed][0]), ["alpha", "beta"], None)
+        with_order(make_run(tmp_path, "moram", seed, SEQ_LORA, subdir=f"order2/seed{seed}"),
+                   ["beta", "alpha"], ["beta", "alpha"])
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    main, held_out = lb.tables  # the table with more runs first
+    assert main.title == "xtail-mini, task order alpha → beta" and len(main.rows) == 2
+    assert held_out.title == "xtail-mini, task order beta → alpha" and len(held_out.rows) == 1
+    md = L.render_markdown(lb)
+    assert "## xtail-mini, task order alpha → beta" in md and "## xtail-mini, task order beta → alpha" in md
+    assert "task order beta $\\rightarrow$ alpha" in L.render_latex(lb)
+    orders = [r["task_order"] for r in csv.DictReader(io.StringIO(L.render_csv(lb)))]
+    assert orders == ["alpha;beta", "alpha;beta", "beta;alpha"]
+
+
+def test_training_through_the_evaluation_transform_is_stated(tmp_path):
+    settings = {"shots": 16, "train_transform": "eval (no augmentation)"}
+    make_run(tmp_path, "moram", 0, MORAM[0][0], stream_settings=settings)
+    make_run(tmp_path, "moram", 0, MORAM[0][0], stream_settings={"shots": 16, "train_transform": "randaug"},
+             subdir="aug/seed0")
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    assert len(lb.tables) == 2  # another training transform is another protocol
+    md = L.render_markdown(lb)
+    assert md.count("Training images go through the evaluation transform") == 1
+    assert "train transform: eval (no augmentation)" in md and "train transform: randaug" in md
+
+
+# ------------------------------------------------------------------------- CLI errors
+
+
+def test_cli_a_file_is_not_a_results_folder(tmp_path, capsys):
+    f = tmp_path / "results.txt"
+    f.write_text("x")
+    assert L.main([str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is a file, not a folder" in err and "does not exist" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_only_unfinished_runs_leave_the_old_leaderboard(tmp_path, capsys):
+    make_run(tmp_path, "moram", 0, MORAM[0][0], finished=False, rows_written=2)
+    for name in ("LEADERBOARD.md", "leaderboard.csv"):
+        (tmp_path / name).write_text("the committed leaderboard\n")
+    assert L.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no finished runs") and "left as they are" in err
+    assert "moram/seed0: unfinished, 1/2 tasks" in err
+    for name in ("LEADERBOARD.md", "leaderboard.csv"):
+        assert (tmp_path / name).read_text() == "the committed leaderboard\n"
+    assert not (tmp_path / "leaderboard.tex").exists() and not (tmp_path / "xtail-mini.png").exists()
+
+
+def test_cli_read_only_folder_is_one_line_and_exit_2(results, capsys, monkeypatch):
+    # (the tests may run as root, for whom chmod does not block writes: simulate the
+    # refusal the operating system gives a read-only folder)
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    (results / "LEADERBOARD.md").write_text("old\n")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert L.main([str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write into") and "Permission denied" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert (results / "LEADERBOARD.md").read_text() == "old\n"
+
+
+def test_cli_write_failure_midway_is_one_line(results, capsys, monkeypatch):
+    from moram_bench.leaderboard import cli
+
+    def refuse(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cli, "atomic_write_text", refuse)
+    assert L.main([str(results), "--no-figures"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the leaderboard") and "LEADERBOARD.md" in err
+    assert len(err.strip().splitlines()) == 1

@@ -151,3 +151,49 @@ def test_no_pyplot_state():
 
         assert plt.get_fignums() == []
     json.dumps(plots.__all__)
+
+
+def _panel(names, with_ci=True):
+    ci = 2.5 if with_ci else None
+    return {"title": "xtail-mini", "task_names": names, "series": [
+        {"label": "moram", "curve": [(60.0, ci), (55.0, ci), (50.0, ci)][: len(names)],
+         "plasticity": (62.0, ci), "forgetting": (8.0, ci), "reference": False},
+        {"label": "seq-lora", "curve": [(70.0, None), (50.0, None), (40.0, None)][: len(names)],
+         "plasticity": (75.0, None), "forgetting": (21.0, None), "reference": False},
+        {"label": "zeroshot", "curve": [(10.0, 0.0), (12.0, 0.0), (12.0, 0.0)][: len(names)],
+         "plasticity": (12.0, 0.0), "forgetting": (0.0, 0.0), "reference": True},
+    ]}
+
+
+def test_comparison_figure_lines_bands_and_error_bars(tmp_path):
+    fig = plots.comparison_figure([_panel(NAMES[:3])], title="xtail-mini")
+    ax_curve, ax_trade = fig.axes
+    # one line per method, its mean over seeds after each task t = 1..3
+    lines = {ln.get_label(): ln for ln in ax_curve.get_lines()}
+    assert set(lines) == {"moram", "seq-lora", "zeroshot"}
+    np.testing.assert_allclose(lines["moram"].get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(lines["moram"].get_ydata(), [60, 55, 50])
+    # a confidence band only where the CI is known (moram's +-2.5; zeroshot's zero width)
+    bands = ax_curve.collections
+    assert len(bands) == 2
+    ys = bands[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(47.5) and ys.max() == pytest.approx(62.5)
+    # the trade-off: one point per method at (plasticity, forgetting)
+    points = {}
+    for container in ax_trade.containers:
+        line = container.lines[0]
+        points[container.get_label()] = (float(line.get_xdata()[0]), float(line.get_ydata()[0]))
+    assert points == {"moram": (62.0, 8.0), "seq-lora": (75.0, 21.0), "zeroshot": (12.0, 0.0)}
+    assert ax_trade.get_xlabel().startswith("plasticity") and ax_trade.get_ylabel().startswith("forgetting")
+    path = plots.comparison_png([_panel(NAMES[:3]), _panel(NAMES[:2], with_ci=False)], tmp_path / "s.png")
+    w, h = _check_png(path)
+    assert h > w / 2  # two lines of plots, one per table (e.g. two task orders)
+
+
+def test_comparison_figure_errors():
+    with pytest.raises(ValueError, match="no panels"):
+        plots.comparison_figure([])
+    bad = _panel(NAMES[:3])
+    bad["series"][0]["curve"] = bad["series"][0]["curve"][:2]
+    with pytest.raises(ValueError, match="2 curve points for 3 tasks"):
+        plots.comparison_figure([bad])
