@@ -204,7 +204,7 @@ def resolve_config(overrides: list[str] | None = None, config_file: str | None =
 
     def check(group: str, name: str | None) -> None:
         if name not in _choices(group):
-            raise ConfigError(f"unknown {group} {name!r}; valid choices: {', '.join(_choices(group))}")
+            raise ConfigError(f"unknown {group} {show(name)}; valid choices: {', '.join(_choices(group))}")
 
     check("stream", names["stream"])
     stream_cfg = _group_defaults("stream", names["stream"], None)

@@ -205,6 +205,10 @@ class TaskStreamDataModule(pl.LightningDataModule):
         if path is not None and path.exists():
             try:
                 stored = torch.load(path, weights_only=True)
+                want = {f"{s}:{i}": len(getattr(t, s)) for i, t in enumerate(self.stream.tasks) for s in ("train", "test")}
+                if not isinstance(stored, dict) or set(stored) != set(want) or any(
+                        len(stored[k][0]) != n or len(stored[k][1]) != n for k, n in want.items()):
+                    raise ValueError("it does not hold the features of every task's train and test split")
                 self._features = {(s, t): _FeatureDataset(f, l, t) for (s, t), (f, l) in
                                   ((tuple(k.split(":")), v) for k, v in stored.items()) for t in [int(t)]}
                 log(f"loaded cached image features from {path}")

@@ -529,6 +529,40 @@ def load_cached(folder: Path):
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     return model, preprocess, tokenizer
 
+def load_or_build(settings: dict[str, Any], folder: Path, log: Callable = print):
+    """``load_cached``, building the cache first when absent. A cache that cannot be read
+    (truncated or garbage weights, config JSON or build record) is moved aside and rebuilt
+    once; if that fails too, a one-line ConfigError names the folder to delete.
+    Returns (model, preprocess, tokenizer, built_now)."""
+    from ..config import ConfigError
+
+    built = not (folder / WEIGHTS_FILE).is_file()
+    if built:
+        log(f"mini-clip: no cached model at {folder}; building it once (a few minutes on 2 cores)")
+        build_aligned(settings, folder, log=log)
+    for attempt in (1, 2):
+        try:
+            record = folder / BUILD_INFO_FILE
+            if record.is_file() and not isinstance(json.loads(record.read_text()), dict):
+                raise ValueError(f"{BUILD_INFO_FILE} holds no mapping")
+            return (*load_cached(folder), built)
+        except Exception as e:  # noqa: BLE001  (safetensors, json, open_clip: any unreadable file)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if attempt == 2:
+                raise ConfigError(f"mini-clip: the cached model in {folder} is unreadable even after a rebuild "
+                                  f"({why}); delete that folder and run again") from None
+            log(f"mini-clip: the cached model in {folder} is unreadable ({why}); rebuilding it")
+            aside = folder.with_name(f".{folder.name}.corrupt-{os.getpid()}")
+            try:
+                os.rename(folder, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            except OSError as err:
+                raise ConfigError(f"mini-clip: the cached model in {folder} is unreadable ({why}) and could not be "
+                                  f"moved aside ({err.strerror or err}); delete that folder and run again") from None
+            build_aligned(settings, folder, log=log)
+            built = True
+
+
 
 def _freeze_trunk_batchnorm(model: nn.Module) -> None:
     """Replace the trunk's BatchNorm layers by frozen ones: the trunk then computes the same
@@ -549,11 +583,7 @@ def build_mini_clip(cfg) -> ClipBackbone:
     key = cache_key(settings)
     folder = cache_root(cfg) / "mini-clip" / key
     t0 = time.time()
-    built = not (folder / WEIGHTS_FILE).is_file()
-    if built:
-        print(f"mini-clip: no cached model at {folder}; building it once (a few minutes on 2 cores)", flush=True)
-        build_aligned(settings, folder, log=lambda m: print(m, flush=True))
-    model, preprocess, tokenizer = load_cached(folder)
+    model, preprocess, tokenizer, built = load_or_build(settings, folder, log=lambda m: print(m, flush=True))
     _freeze_trunk_batchnorm(model)
     model.eval()
     build_info = {}
