@@ -1,6 +1,6 @@
 """inflora: interference-free LoRA (Liang & Li, CVPR 2024).
 
-Per adapted layer, task t adds a branch ``U_t D_t x`` (``/work/shared/METHODS.md``, InfLoRA):
+Per adapted layer, task t adds a branch ``U_t D_t x`` (docs/METHODS.md, InfLoRA):
 
 - ``D_t`` (r x d_in), DESIGNED and frozen: before the task, the task's training data runs
   through the model (no grad, eval mode) and forward hooks accumulate the uncentred input
@@ -34,14 +34,12 @@ width is data-dependent, so the layer resizes it when loading.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moram_bench.adapters.covariance import InputCovariance, free_directions, gpm_update
-from moram_bench.adapters.inject import match_linear_names
 from moram_bench.config import ConfigError
 from moram_bench.method import ContinualModule
 from moram_bench.registry import register_method
@@ -65,7 +63,7 @@ class InfLoRALayer(nn.Module):
         return f"d_in={self.d_in}, d_out={self.d_out}, r={self.r}, branches={self.n_branches}, basis={self.basis.shape[1]}"
 
     @torch.no_grad()
-    def add_branch(self, down: torch.Tensor | None = None) -> None:
+    def grow(self, down: torch.Tensor | None = None) -> None:
         """Freeze earlier up-projections and add a branch with down-projection ``down``
         (r x d_in; zeros when restoring, the checkpoint fills it) and a zero up-projection."""
         for p in self.up:
@@ -112,73 +110,58 @@ class InfLoRA(ContinualModule):
         if int(h.cov_batch_size) < 1:
             raise ConfigError(f"method.cov_batch_size must be >= 1 (got {h.cov_batch_size})")
 
-    def target_names(self) -> list[str]:
-        """Exact names of the Linears to adapt (see the module docstring)."""
-        h = self.hp
-        if h.get("targets"):
-            return match_linear_names(self.backbone.model, list(h.targets))
-        declared = list(self.backbone.info.get("adapter_targets", []))
-        kv = re.compile(str(h.kv_filter))
-        return [n for n in match_linear_names(self.backbone.model, declared) if kv.search(n)]
-
     def setup_adapters(self) -> None:
-        names = self.target_names()
-        if not names:
-            raise ConfigError(f"inflora: no adapter target of backbone {self.backbone.name!r} matches "
-                              f"method.kv_filter={self.hp.kv_filter!r}; set method.targets")
-        r = int(self.hp.r)
-        self.layers = self.inject(lambda name, lin: InfLoRALayer(lin.in_features, lin.out_features, r),
-                                  patterns=[f"^{re.escape(n)}$" for n in names])
-
-    def inflora_layers(self) -> dict[str, InfLoRALayer]:
-        return {n: m.adapter for n, m in self.layers.items()}
+        h = self.hp
+        r = int(h.r)
+        # method.targets replaces the whole selection; else the declared targets' k/v Linears
+        self.inject(lambda name, lin: InfLoRALayer(lin.in_features, lin.out_features, r),
+                    patterns=h.get("targets"), only=None if h.get("targets") else str(h.kv_filter))
 
     def threshold(self, task: int) -> float:
         """``eps_t = lb + (le - lb) * t / T`` (t 0-based)."""
         return float(self.hp.lb) + (float(self.hp.le) - float(self.hp.lb)) * task / len(self.stream)
 
     @torch.no_grad()
-    def input_covariances(self, task: int) -> dict[str, torch.Tensor]:
+    def input_covariances(self, data, task: int) -> dict[str, torch.Tensor]:
         """Uncentred input covariance of every adapted layer over ``task``'s training data
         (this rank's shard, all-reduced), with the model as it is now, in eval mode."""
-        collector = InputCovariance(self.layers)
+        collector = InputCovariance(self.adapters())
         was_training = self.training
         self.eval()
         try:
             with collector:
-                for batch in self.task_batches(task, batch_size=int(self.hp.cov_batch_size)):
+                for batch in self.task_batches(data, task, batch_size=int(self.hp.cov_batch_size)):
                     self.protocol.loss(batch, task)  # the training forward pass, no grad
         finally:
             self.train(was_training)
         collector.all_reduce(self.all_reduce_sum)
         return collector.covariances()
 
-    def begin_task(self, task: int, restoring: bool = False) -> None:
-        super().begin_task(task, restoring)
-        layers = self.inflora_layers()
+    def begin_task(self, task: int, data, restoring: bool) -> None:
+        layers = self.adapters()
         if restoring:  # shapes only; the checkpoint holds the designed projections
             for layer in layers.values():
-                layer.add_branch(None)
+                layer.grow(None)
             return
-        covs = self.input_covariances(task)
+        covs = self.input_covariances(data, task)
         scale = 1.0 / math.sqrt(3.0)
         for name, layer in layers.items():
             d = free_directions(layer.basis, covs[name], layer.r).t() * scale
-            layer.add_branch(d)
+            layer.grow(d)
 
-    def end_task(self, task: int, restoring: bool = False) -> None:
-        layers = self.inflora_layers()
+    def end_task(self, task: int, data, restoring: bool) -> None:
+        layers = self.adapters()
         for layer in layers.values():
             layer.freeze()
         if restoring:  # the basis is loaded from the checkpoint
             return
-        covs = self.input_covariances(task)
+        covs = self.input_covariances(data, task)
         eps = self.threshold(task)
         for name, layer in layers.items():
             layer.basis = gpm_update(layer.basis, covs[name], eps).to(layer.basis)
 
     def extra_metrics(self) -> dict:
-        layers = list(self.inflora_layers().values())
+        layers = list(self.adapters().values())
         dims = [layer.basis.shape[1] for layer in layers]
         return {"adapted_layers": len(layers), "r": int(self.hp.r), "lb": float(self.hp.lb), "le": float(self.hp.le),
                 "kv_filter": str(self.hp.kv_filter) if not self.hp.get("targets") else None,

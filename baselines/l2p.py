@@ -217,7 +217,13 @@ class L2P(ContinualModule):
             dim = model.text.transformer.get_input_embeddings().embedding_dim
         key_dim = self._query_dim()
         self.pool = PromptPool(int(h.pool_size), int(h.prompt_length), dim, key_dim)
-        self.protocol = PromptedClipProtocol(self)
+
+    def build_protocol(self):
+        """Image streams: the CLIP protocol with per-sample prompts; text streams: the
+        plain text protocol (the prompts come in through ``text_prefix``)."""
+        if self.stream.modality == "image":
+            return PromptedClipProtocol(self)
+        return super().build_protocol()
 
     # ---- LLM placement ------------------------------------------------------------------------
     def _setup_llm(self) -> None:
@@ -229,7 +235,6 @@ class L2P(ContinualModule):
         with torch.no_grad():  # prompt tuning's initialisation: real token embeddings
             rows = torch.randint(0, table.shape[0], (int(h.pool_size) * int(h.prompt_length),))
             self.pool.prompts.copy_(table[rows].reshape_as(self.pool.prompts).to(self.pool.prompts.dtype))
-        self._train_sim = None
 
     @torch.no_grad()
     def _llm_query(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -244,17 +249,16 @@ class L2P(ContinualModule):
         m = prompt_mask.unsqueeze(-1).to(hidden.dtype)
         return ((hidden * m).sum(1) / m.sum(1).clamp_min(1.0)).float()
 
-    def text_prefix(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor | None:
-        """The text protocol's hook: each prompt's selected pool prompts, ``(B, N * L_p, d)``."""
+    def text_prefix(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """The text protocol's hook: each prompt's selected pool prompts, ``(B, N * L_p, d)``,
+        and the selected keys' cosines (``prompt_sim``, for the pull term) as step outputs."""
         if not self.prompting:
-            return None
+            return None, {}
         sel = self.pool.select(self._llm_query(prompt_ids, prompt_mask), int(self.hp.top_n),
                                batch_voting=bool(self.hp.batch_voting))
-        self._train_sim = sel.sim if self.training else None
-        return self.pool.tokens(sel.idx)
+        return self.pool.tokens(sel.idx), {"prompt_sim": sel.sim}
 
-    def begin_task(self, task: int, restoring: bool = False) -> None:
-        super().begin_task(task, restoring)
+    def begin_task(self, task: int, data, restoring: bool) -> None:
         self.prompting = True
 
     @torch.no_grad()
@@ -288,7 +292,7 @@ class L2P(ContinualModule):
 
     # ---- loss ----------------------------------------------------------------------------------
     def extra_loss(self, batch: dict, outputs: dict) -> torch.Tensor | None:
-        sim = outputs["prompt_sim"] if self.placement != "llm" else self._train_sim
+        sim = outputs.get("prompt_sim")
         if sim is None:
             return None
         pull = sim.sum(1).mean() if self.hp.pull_sum_over_selected else sim.mean()

@@ -1,6 +1,6 @@
 """moe-lora: one rank-r LoRA expert per task per adapted layer, mixed by a top-k router.
 
-The coarse-expert baseline MoRAM argues against (``/work/shared/METHODS.md``, MoE-LoRA).
+The coarse-expert baseline MoRAM argues against (docs/METHODS.md, MoE-LoRA).
 Every adapted Linear (the same placement as MoRAM: the backbone's declared adapter
 targets, unless ``method.targets`` overrides them) gets a ``MoELoRA`` layer
 (moram_bench/adapters/moe.py). Task t adds expert t and router row t; earlier experts are
@@ -52,26 +52,21 @@ class MoELoRAMethod(ContinualModule):
                            dropout=float(h.dropout), per_sample=bool(h.per_sample),
                            train_old_router=bool(h.train_old_router), balance_coef=coef)
 
-        self.layers = self.inject(factory, patterns=h.get("targets"))
+        self.inject(factory, patterns=h.get("targets"))
 
-    def moe_layers(self) -> list[MoELoRA]:
-        return [m.adapter for m in self.layers.values()]
+    def begin_task(self, task: int, data, restoring: bool) -> None:
+        for layer in self.adapters().values():
+            layer.grow()  # freezes earlier experts (and router rows unless train_old_router)
 
-    def begin_task(self, task: int, restoring: bool = False) -> None:
-        super().begin_task(task, restoring)
-        for layer in self.moe_layers():
-            layer.add_expert()  # freezes earlier experts (and router rows unless train_old_router)
-
-    def end_task(self, task: int, restoring: bool = False) -> None:
-        for layer in self.moe_layers():
+    def end_task(self, task: int, data, restoring: bool) -> None:
+        for layer in self.adapters().values():
             layer.freeze()
 
     def extra_loss(self, batch, outputs):
-        terms = [t for t in (layer.pop_aux_loss() for layer in self.moe_layers()) if t is not None]
-        return sum(terms) if terms else None
+        return outputs["aux_loss"]  # the layers' load-balancing terms of this step (None when off)
 
     def extra_metrics(self) -> dict:
-        layers = self.moe_layers()
+        layers = list(self.adapters().values())
         h = self.hp
         return {"adapted_layers": len(layers), "experts_per_layer": layers[0].n_experts if layers else 0,
                 "r": int(h.r), "top_k": int(h.top_k), "per_sample": bool(h.per_sample),

@@ -101,20 +101,16 @@ class OLoRA(ContinualModule):
 
     def setup_adapters(self) -> None:
         h = self.hp
-        self.layers = self.inject(lambda name, lin: OLoRALayer(lin.in_features, lin.out_features, int(h.r),
-                                                              h.get("alpha"), float(h.dropout)),
-                                  patterns=h.get("targets"))
+        self.inject(lambda name, lin: OLoRALayer(lin.in_features, lin.out_features, int(h.r),
+                                                 h.get("alpha"), float(h.dropout)),
+                    patterns=h.get("targets"))
 
-    def _adapters(self) -> list[OLoRALayer]:
-        return [m.adapter for m in self.layers.values()]
-
-    def begin_task(self, task: int, restoring: bool = False) -> None:
-        super().begin_task(task, restoring)
-        for a in self._adapters():
+    def begin_task(self, task: int, data, restoring: bool) -> None:
+        for a in self.adapters().values():
             a.grow()
 
-    def end_task(self, task: int, restoring: bool = False) -> None:
-        for a in self._adapters():
+    def end_task(self, task: int, data, restoring: bool) -> None:
+        for a in self.adapters().values():
             a.freeze()
 
     def extra_loss(self, batch: dict, outputs: dict) -> torch.Tensor | None:
@@ -122,15 +118,15 @@ class OLoRA(ContinualModule):
         lam2 = float(self.hp.get("lambda2", 0.0) or 0.0)
         terms = []
         if lam1 > 0:
-            orth = [o for o in (a.orthogonality() for a in self._adapters()) if o is not None]
+            orth = [o for o in (a.orthogonality() for a in self.adapters().values()) if o is not None]
             if orth:
                 terms.append(lam1 * torch.stack(orth).sum())
         if lam2 > 0:
-            terms.append(lam2 * sum((a.A.pow(2).sum() + a.B.pow(2).sum()) for a in self._adapters() if a.A is not None))
+            terms.append(lam2 * sum((a.A.pow(2).sum() + a.B.pow(2).sum()) for a in self.adapters().values() if a.A is not None))
         return sum(terms) if terms else None
 
     def extra_metrics(self) -> dict:
-        adapters = self._adapters()
+        adapters = list(self.adapters().values())
         return {"r": int(self.hp.r), "lambda1": float(self.hp.lambda1),
                 "lambda2": float(self.hp.get("lambda2", 0.0) or 0.0), "adapted_layers": len(adapters),
                 "loras_per_layer": adapters[0].n_tasks if adapters else 0}

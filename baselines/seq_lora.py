@@ -20,9 +20,9 @@ class SeqLoRA(ContinualModule):
 
     def setup_adapters(self) -> None:
         h = self.hp
-        self.loras = self.inject(lambda name, lin: LoRA(lin.in_features, lin.out_features, int(h.r),
-                                                        alpha=h.get("alpha"), dropout=float(h.dropout)),
-                                 patterns=h.get("targets"))
+        self.inject(lambda name, lin: LoRA(lin.in_features, lin.out_features, int(h.r),
+                                           alpha=h.get("alpha"), dropout=float(h.dropout)),
+                    patterns=h.get("targets"))
 
     def extra_metrics(self) -> dict:
-        return {"r": int(self.hp.r), "adapted_layers": len(self.loras)}
+        return {"r": int(self.hp.r), "adapted_layers": len(self.adapters())}

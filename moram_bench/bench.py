@@ -409,13 +409,13 @@ def bench_vit(cfg: dict, setup: Setup) -> dict[str, Any]:
 def build_moe_lora(n_tasks: int, r: int = R, d_in: int = D_MODEL, d_out: int = D_MODEL,
                    device: torch.device | str = "cpu") -> nn.Module:
     """A ``moram_bench.adapters.moe.MoELoRA`` layer (default top-2 router) after ``n_tasks``
-    ``add_expert`` calls, with non-zero expert values and router rows; the last expert
+    ``grow`` calls, with non-zero expert values and router rows; the last expert
     trainable. Raises ImportError/AttributeError when the module or class is missing."""
     from .adapters.moe import MoELoRA
 
     layer = MoELoRA(d_in, d_out, r).to(device)
     for _ in range(n_tasks):
-        layer.add_expert()
+        layer.grow()
         with torch.no_grad():
             layer.B[-1].normal_(0.0, 0.02)
             layer.router[-1].normal_(0.0, 0.02)

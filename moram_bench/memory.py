@@ -2,7 +2,7 @@
 
 A memory holds N rank-1 "atoms"; atom i has a key ``a_i`` (``d_in``) and a value ``b_i``
 (``d_out``). For one token ``x`` of a frozen linear layer with output ``y0``
-(``/work/shared/METHODS.md``, section MoRAM)::
+(docs/METHODS.md, section MoRAM)::
 
     p = A · dropout(x)             # N raw key projections
     z = p / max(||p||_2, eps)      # L2-normalised across the atom axis, per token
@@ -14,10 +14,10 @@ A memory holds N rank-1 "atoms"; atom i has a key ``a_i`` (``d_in``) and a value
 If no atom passes ``delta`` at evaluation the layer is exactly the frozen layer (zero-shot
 fallback); with no atom at all it returns ``y0`` itself.
 
-Growth. ``grow(r)`` freezes the current atoms (if any) and appends ``r`` trainable atoms
-(keys ``kaiming_uniform_(a=sqrt(5))`` on an ``(r, d_in)`` tensor, values zero,
-``(d_out, r)``). ``freeze()`` freezes the current atoms without adding new ones (end of a
-task / of the stream). Current atoms are applied with ``s = scale``, frozen ones with
+Growth. ``grow(r)`` (``r`` defaults to the layer's own ``r``) freezes the current atoms
+(if any) and appends ``r`` trainable atoms (keys ``kaiming_uniform_(a=sqrt(5))`` on an
+``(r, d_in)`` tensor, values zero, ``(d_out, r)``). ``freeze()`` freezes the current
+atoms without adding new ones (end of a task / of the stream). Current atoms are applied with ``s = scale``, frozen ones with
 ``s = 1``: when ``fold_scale`` (default) the values are multiplied by ``scale`` as they
 are frozen, so freezing does not change the layer; ``fold_scale=False`` stores them
 unscaled, reproducing the official LLM code, which halves the effect of the old atoms when
@@ -284,6 +284,7 @@ class RankOneMemory(nn.Module):
         fold_scale: fold ``scale`` into the values when freezing (default, effect preserved);
             ``False`` reproduces the official LLM code's unscaled storage.
         eps: floor of the norm in the normalisation.
+        r: atoms appended by ``grow()`` without an argument (one task's unit).
     """
 
     #: Value products are dense (one matmul over all N atoms) when N <= this times k, and
@@ -293,7 +294,7 @@ class RankOneMemory(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, topk: int = 16, tau: float = 0.01,
                  delta: float = 0.2, dropout: float = 0.0, scale: float = 1.0,
-                 fold_scale: bool = True, eps: float = 1e-12):
+                 fold_scale: bool = True, eps: float = 1e-12, r: int | None = None):
         super().__init__()
         if d_in < 1:
             raise ValueError(f"d_in must be >= 1, got {d_in}")
@@ -310,6 +311,7 @@ class RankOneMemory(nn.Module):
         self.d_in, self.d_out = int(d_in), int(d_out)
         self.topk, self.tau, self.delta = int(topk), float(tau), float(delta)
         self.scale, self.fold_scale, self.eps = float(scale), bool(fold_scale), float(eps)
+        self.r = None if r is None else int(r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.record_routing = False
 
@@ -419,13 +421,16 @@ class RankOneMemory(nn.Module):
         self._gram_stale = True
 
     @torch.no_grad()
-    def grow(self, r: int) -> None:
-        """Freeze the current atoms and append ``r`` new trainable atoms.
+    def grow(self, r: int | None = None) -> None:
+        """Freeze the current atoms and append ``r`` (default: the layer's ``r``) new
+        trainable atoms.
 
         Keys: ``kaiming_uniform_(a=sqrt(5))`` on an ``(r, d_in)`` tensor; values: zeros
         ``(d_out, r)``. The new parameters live on the stores' device and dtype.
         """
-        if int(r) != r or r < 1:
+        if r is None:
+            r = self.r
+        if r is None or int(r) != r or r < 1:
             raise ValueError(f"r must be an integer >= 1, got {r}")
         r = int(r)
         self.freeze()

@@ -17,9 +17,7 @@ from moram_bench.config import resolve_config
 
 # ------------------------------------------------------------------------------------ helpers
 def build(method: str, *overrides: str, backbone=None):
-    """A method on synthetic-tiny (tiny-clip unless ``backbone`` is given), with the
-    DataModule attached as the runner does."""
-    from moram_bench.data import TaskStreamDataModule
+    """A method on synthetic-tiny (tiny-clip unless ``backbone`` is given)."""
     from moram_bench.runner import build_backbone, build_stream
 
     cfg = resolve_config(["stream=synthetic-tiny", f"method={method}", "seed=0", *overrides])
@@ -27,13 +25,26 @@ def build(method: str, *overrides: str, backbone=None):
     bb = backbone if backbone is not None else build_backbone(cfg)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny models: threads only spin (conftest restores the setting)
-    module = registry.METHODS[method](cfg, stream, bb)
-    module.stream_data = TaskStreamDataModule(stream, 8, [2] * len(stream), 0, transform=bb.preprocess)
-    return module
+    return registry.METHODS[method](cfg, stream, bb)
+
+
+def data(module):
+    """The stream's DataModule, as the runner passes it to the lifecycle hooks."""
+    from moram_bench.data import TaskStreamDataModule
+
+    return TaskStreamDataModule(module.stream, 8, [2] * len(module.stream), 0, transform=module.backbone.preprocess)
+
+
+def begin(module, task):
+    module.meta_begin_task(task, data(module))
+
+
+def end(module, task):
+    module.meta_end_task(task, data(module))
 
 
 def image_batch(module, n=6, task=0):
-    ds = module.stream_data.dataset("test", task)
+    ds = data(module).dataset("test", task)
     items = [ds[i] for i in range(n)]
     return {"x": torch.stack([it["x"] for it in items]), "label": torch.tensor([it["label"] for it in items])}
 
@@ -73,7 +84,7 @@ def test_moe_layer_matches_the_formula_and_old_experts_get_no_gradient():
     torch.manual_seed(0)
     layer = MoELoRA(8, 6, r=2, top_k=2)
     for _ in range(3):
-        layer.add_expert()
+        layer.grow()
         with torch.no_grad():  # stand-in for training the new expert and its router row
             layer.B[-1].normal_()
             layer.router[-1].normal_()
@@ -97,7 +108,7 @@ def test_moe_per_sample_routing_uses_one_decision_per_sample():
     torch.manual_seed(0)
     layer = MoELoRA(8, 6, r=2, top_k=2, per_sample=True)
     for _ in range(4):
-        layer.add_expert()
+        layer.grow()
         with torch.no_grad():
             layer.router[-1].normal_()
     x = torch.randn(3, 5, 8)
@@ -119,10 +130,10 @@ def test_moe_per_sample_routing_uses_one_decision_per_sample():
 
 def test_moe_lora_method_adds_an_expert_per_task_and_trains_only_the_new_one():
     m = build("moe-lora", "method.r=2", "method.balance_loss=true")
-    layers = m.moe_layers()
+    layers = list(m.adapters().values())
     assert len(layers) == 24  # MoRAM's placement on tiny-clip: 6 linears x 2 blocks x 2 towers
     for t in range(2):
-        m.begin_task(t)
+        begin(m, t)
         assert all(layer.n_experts == t + 1 for layer in layers)
         trainable = {id(p) for p in m.trainable_parameters()}
         expected = {id(p) for layer in layers for p in (layer.A[t], layer.B[t], layer.router[t])}
@@ -130,7 +141,7 @@ def test_moe_lora_method_adds_an_expert_per_task_and_trains_only_the_new_one():
         perturb_trainable(m, t)
         m.train()
         batch = image_batch(m, task=t)
-        loss, out = m.protocol.loss(batch, t)
+        loss, out = m.protocol_loss(batch, t)
         extra = m.extra_loss(batch, out)
         assert extra is not None and extra.item() >= 0  # the load-balancing term, when switched on
         (loss + extra).backward()
@@ -138,7 +149,7 @@ def test_moe_lora_method_adds_an_expert_per_task_and_trains_only_the_new_one():
         if t:
             assert all(layer.A[0].grad is None and layer.router[0].grad is None for layer in layers)
         m.zero_grad(set_to_none=True)
-        m.end_task(t)
+        end(m, t)
     assert m.count_trainable() == 0
     assert m.extra_metrics()["experts_per_layer"] == 2
 
@@ -161,7 +172,7 @@ def test_l2p_selects_per_sample_and_the_pull_term_moves_keys_toward_queries():
     m = build("l2p")
     assert m.placement == "image"
     assert m.count_trainable() == m.pool.prompts.numel() + m.pool.keys.numel()  # only prompts and keys
-    m.begin_task(0)
+    begin(m, 0)
     batch = image_batch(m)
     # two samples with different queries select different prompts
     with torch.no_grad():
@@ -237,7 +248,7 @@ def test_hf_text_prompts_are_inserted_after_cls_and_padding_stays_masked():
 def test_l2p_text_placement_scores_each_image_with_its_own_prompts():
     m = build("l2p", "method.text_chunk=7", backbone=_tiny_hf_text_backbone())
     assert m.placement == "text" and m.pool.dim == 16 and m.pool.key_dim == 8
-    m.begin_task(0)
+    begin(m, 0)
     batch = {"x": torch.randn(5, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0, 1])}
     with torch.no_grad():
         m.pool.keys.normal_()
@@ -305,15 +316,15 @@ def test_input_covariance_hooks_average_x_xT_over_tokens():
 
 def test_inflora_designs_orthogonal_down_projections_and_trains_only_up():
     m = build("inflora")
-    layers = m.inflora_layers()
+    layers = m.adapters()
     assert len(layers) == 8 and all(n.endswith(("k_proj", "v_proj")) for n in layers)
     assert [m.threshold(t) for t in range(3)] == pytest.approx([0.95, 0.95 + 0.05 / 3, 0.95 + 0.1 / 3])
-    m.begin_task(0)
+    begin(m, 0)
     perturb_trainable(m, 0)
-    m.end_task(0)
+    end(m, 0)
     bases = {n: layer.basis.clone() for n, layer in layers.items()}
     assert all(0 < b.shape[1] < b.shape[0] for b in bases.values())
-    m.begin_task(1)
+    begin(m, 1)
     for n, layer in layers.items():
         r = layer.r
         d1 = layer.down[r:2 * r]
@@ -326,7 +337,7 @@ def test_inflora_designs_orthogonal_down_projections_and_trains_only_up():
     loss.backward()
     assert all(layer.up[1].grad is not None and layer.up[0].grad is None for layer in layers.values())
     m.zero_grad(set_to_none=True)
-    m.end_task(1)
+    end(m, 1)
     for n, layer in layers.items():  # the basis only grows, keeping its earlier columns
         assert layer.basis.shape[1] >= bases[n].shape[1]
         assert torch.allclose(layer.basis[:, :bases[n].shape[1]], bases[n])
@@ -335,10 +346,10 @@ def test_inflora_designs_orthogonal_down_projections_and_trains_only_up():
 # ------------------------------------------------------------------------------------ seq-lora
 def test_seq_lora_single_adapter_is_shared_across_tasks():
     m = build("seq-lora", "method.r=2")
-    m.begin_task(0)
+    begin(m, 0)
     first = [p for p in m.trainable_parameters()]
-    m.end_task(0)
-    m.begin_task(1)
+    end(m, 0)
+    begin(m, 1)
     second = [p for p in m.trainable_parameters()]
     assert len(first) == len(second) == 48 and all(a is b for a, b in zip(first, second))
     assert all(p.requires_grad for p in second)
@@ -349,14 +360,14 @@ def test_seq_lora_single_adapter_is_shared_across_tasks():
 def test_grown_state_round_trip_gives_identical_outputs(method):
     a = build(method)
     for t in range(2):
-        a.begin_task(t)
+        begin(a, t)
         perturb_trainable(a, 10 + t)
-        a.end_task(t)
+        end(a, t)
     state = a.grown_state()
     b = build(method)
     for t in range(2):
-        b.begin_task(t, restoring=True)
-        b.end_task(t, restoring=True)
+        b.meta_begin_task(t, None, restoring=True)
+        b.meta_end_task(t, None, restoring=True)
     b.load_grown_state(state)
     batch = image_batch(a)
     out_a, out_b = eval_logits(a, batch), eval_logits(b, batch)

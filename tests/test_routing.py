@@ -197,12 +197,12 @@ def test_moram_module_on_the_synthetic_stream(tmp_path):
     backbone = build_backbone(cfg)
     module = registry.METHODS["moram"](cfg, stream, backbone)
     for t in range(len(stream)):
-        module.begin_task(t)
-        module.end_task(t)
+        module.meta_begin_task(t, None)
+        module.meta_end_task(t, None)
     dm = TaskStreamDataModule(stream, batch_size=4, steps_per_task=[1, 1], seed=0, eval_batch_size=8,
                               transform=getattr(backbone, "preprocess", None))
     res = RT.routing_report(module, dm)
-    assert res.matrix.shape == (2, 2) and res.layers == len(module.memories)
+    assert res.matrix.shape == (2, 2) and res.layers == len(module.adapters())
     finite = np.isfinite(res.matrix).all(axis=1)
     assert finite.any()
     np.testing.assert_allclose(res.matrix[finite].sum(axis=1) + res.beyond_last_task[finite], 1.0, atol=1e-9)

@@ -92,10 +92,10 @@ def _protocol(bb, tasks=None, prefix_hook=None, **settings):
         stream = Stream("s", "text", tasks, settings=text_settings(None, **settings))
         device = torch.device("cpu")
 
-    holder = Holder()
-    if prefix_hook is not None:
-        holder.text_prefix = prefix_hook
-    return TextProtocol(holder)
+        def text_prefix(self, prompt_ids, prompt_mask):  # ContinualModule's hook
+            return (None if prefix_hook is None else prefix_hook(prompt_ids, prompt_mask)), {}
+
+    return TextProtocol(Holder())
 
 
 def test_batched_generation_pads_left_and_matches_one_by_one(tiny):
@@ -363,9 +363,10 @@ def test_l2p_on_a_causal_lm_prepends_per_sample_prompts_that_train(tmp_path):
     t = stream.tasks[0]
     batch = {"prompt": [t.train[i]["prompt"] for i in range(4)], "answer": [t.train[i]["answer"] for i in range(4)]}
     assert m.protocol.loss(batch, 0)[1]["prefix"] is None  # not prompting before the first task
-    m.begin_task(0)
+    m.meta_begin_task(0, None)
     m.train()
     loss, out = m.protocol.loss(batch, 0)
+    assert out["prompt_sim"].shape == (4, int(m.hp.top_n))  # the pull term's cosines travel in the outputs
     h = m.hp
     assert out["prefix"].shape == (4, int(h.top_n) * int(h.prompt_length), m.backbone.model.config.hidden_size)
     assert m.extra_metrics()["placement"] == "llm"
@@ -376,7 +377,7 @@ def test_l2p_on_a_causal_lm_prepends_per_sample_prompts_that_train(tmp_path):
     # the prefix is exactly the selected prompts, concatenated in pool-index order
     ids, mask = generation_batch([m.protocol.encoder.prompt_ids(p) for p in batch["prompt"]], m.protocol.pad_id)
     sel = m.pool.select(m._llm_query(ids, mask), int(h.top_n))
-    assert torch.equal(m.text_prefix(ids, mask), m.pool.prompts[sel.idx].flatten(1, 2))
+    assert torch.equal(m.text_prefix(ids, mask)[0], m.pool.prompts[sel.idx].flatten(1, 2))
 
 
 # ---- backbones --------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ class InputCovariance:
 
     Args:
         modules: ``{name: module}``; each module's first positional input ``(..., d_in)``
-            is counted (``d_in`` = its last dimension).
+            is counted (``d_in`` = its last dimension): ``AdaptedLinear``s or the adapters
+            themselves (``ContinualModule.adapters()``; an adapter's first input is the
+            layer's input ``x``).
         dtype: accumulation dtype (float32 by default; float64 for small layers if needed).
     """
 
@@ -80,6 +82,7 @@ class InputCovariance:
             if name not in self.sums:
                 d = _in_features(mod)
                 ref = next(iter(mod.parameters()), None)
+                ref = next(iter(mod.buffers()), None) if ref is None else ref
                 device = ref.device if ref is not None else "cpu"
                 self.sums[name] = torch.zeros(d, d, dtype=self.dtype, device=device)
                 self.counts[name] = torch.zeros((), dtype=torch.float64, device=device)
@@ -99,6 +102,7 @@ class InputCovariance:
 
 def _in_features(mod: nn.Module) -> int:
     d = getattr(mod, "in_features", None)
+    d = getattr(mod, "d_in", None) if d is None else d  # adapters name it d_in
     if d is None:
         raise ValueError(f"cannot tell the input size of {type(mod).__name__}")
     return int(d)

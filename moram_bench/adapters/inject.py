@@ -68,10 +68,14 @@ def inject_adapters(
     factory: Callable[[str, nn.Linear], nn.Module],
     exclude: Iterable[str] = (),
 ) -> dict[str, AdaptedLinear]:
-    """Wrap matching Linears; returns {qualified name: AdaptedLinear}. Raises if none match."""
+    """Wrap matching Linears; returns {qualified name: AdaptedLinear}. Raises if none match.
+    Names matching an ``exclude`` pattern are skipped; with ``only``, a name must also match
+    one of those patterns (e.g. InfLoRA's key/value filter over the declared targets)."""
     patterns = list(patterns)
     excl = [re.compile(p) for p in exclude]
-    names = [n for n in match_linear_names(model, patterns) if not any(r.search(n) for r in excl)]
+    keep = [re.compile(p) for p in only]
+    names = [n for n in match_linear_names(model, patterns)
+             if not any(r.search(n) for r in excl) and (not keep or any(r.search(n) for r in keep))]
     if not names:
         raise ValueError(f"no nn.Linear matched the adapter target patterns {patterns}")
     out = {}
@@ -85,3 +89,4 @@ def inject_adapters(
 
 def adapted_modules(model: nn.Module) -> dict[str, AdaptedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    only: Iterable[str] = (),

@@ -3,7 +3,7 @@
 The per-Linear adapter of the ``moe-lora`` baseline (baselines/moe_lora.py), kept in the
 package so that benchmarks (moram_bench/bench.py) can time it beside MoRAM's memory.
 For one token ``x`` of a frozen layer with output ``y0`` and ``E`` experts so far
-(``/work/shared/METHODS.md``, section MoE-LoRA)::
+(docs/METHODS.md, section MoE-LoRA)::
 
     g   = W_g · route(x)                        # E router scores (no bias)
     k   = min(top_k, E)
@@ -18,7 +18,7 @@ pooled features) have one token per sample and both modes coincide. Note: on a C
 tower (open_clip's native text transformer) the first token is the start token, which sees
 nothing else, so per-sample routing is then the same for every prompt.
 
-Growth. ``add_expert()`` freezes every existing expert and appends one (``A`` (r x d_in)
+Growth. ``grow()`` freezes every existing expert and appends one (``A`` (r x d_in)
 ``kaiming_uniform_(a=sqrt(5))``, ``B`` (d_out x r) zero, so the layer is unchanged) and one
 router row (ZERO, as MoE-Adapters initialises its routers: a new expert starts with score 0).
 Old router rows are frozen too unless ``train_old_router=True`` (the rows then keep
@@ -33,18 +33,19 @@ DDP never sees an unused parameter. Gradients reach only trainable experts/rows.
 Load balancing (optional, ``balance_coef > 0``, training only): Shazeer et al.'s
 importance and load terms, ``coef * (cv^2(sum_tokens w) + cv^2(#tokens with w_e > 0))``
 (the load term is a count, so only the importance term has a gradient; this is the
-noise-free variant MoE-Adapters computes). Each training call appends its term to
-``aux_losses``; the method sums and clears them with ``pop_aux_loss()``.
+noise-free variant MoE-Adapters computes). Each training call inside a training step
+emits its term (``moram_bench/adapters/aux_loss.py``): the step's outputs carry the sum as
+``outputs["aux_loss"]`` for the method's ``extra_loss``; nothing is kept on the layer.
 
 Routing statistics: the same interface as ``RankOneMemory`` (moram_bench/memory.py), so a
 routing report treats both alike: with ``record_routing = True`` every call adds, per
 expert, the routing weight mass (sum over tokens of ``w_e``) to ``routing_mass`` and counts
 tokens in ``routing_tokens``; ``routing_fallback`` stays 0 (there is no gate). Non-persistent
 buffers, zeroed by ``reset_routing()``; ``atom_task_ids`` maps each expert to the
-``add_expert`` call (task) that added it and ``routing_mass_by_task()`` sums per call.
+``grow`` call (task) that added it and ``routing_mass_by_task()`` sums per call.
 
 State dict: ``A.<e>``, ``B.<e>``, ``router.<e>`` per expert. To restore, call
-``add_expert()`` as many times as before, then ``load_state_dict``.
+``grow()`` as many times as before, then ``load_state_dict``.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import aux_loss
 
 __all__ = ["MoELoRA", "top_k_softmax", "cv_squared", "expert_parameters"]
 
@@ -104,7 +107,6 @@ class MoELoRA(nn.Module):
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         self.router = nn.ParameterList()
-        self.aux_losses: list[torch.Tensor] = []
         self.record_routing = False
         self.register_buffer("routing_mass", torch.zeros(0, dtype=torch.float64), persistent=False)
         self.register_buffer("routing_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -117,7 +119,7 @@ class MoELoRA(nn.Module):
 
     @property
     def n_grows(self) -> int:
-        """Number of ``add_expert`` calls (= tasks)."""
+        """Number of ``grow`` calls (= tasks)."""
         return self.n_experts
 
     @property
@@ -126,7 +128,7 @@ class MoELoRA(nn.Module):
 
     @property
     def atom_task_ids(self) -> torch.Tensor:
-        """``(n_experts,)`` int64: the task (add_expert call) of each expert."""
+        """``(n_experts,)`` int64: the task (grow call) of each expert."""
         return torch.arange(self.n_experts, dtype=torch.int64)
 
     def extra_repr(self) -> str:
@@ -139,7 +141,7 @@ class MoELoRA(nn.Module):
         return self.A[0] if self.n_experts else self.routing_mass.float()
 
     @torch.no_grad()
-    def add_expert(self) -> None:
+    def grow(self) -> None:
         """Freeze existing experts (and, unless ``train_old_router``, their router rows) and
         append a new trainable expert (A kaiming, B zero) with a zero router row."""
         ref = self._ref()
@@ -182,8 +184,8 @@ class MoELoRA(nn.Module):
         h = F.linear(self.dropout(x), a)                  # (..., E*r)
         h = h * w.repeat_interleave(self.r, dim=-1)
         delta = F.linear(h, b) * self.scale
-        if self.training and self.balance_coef > 0 and torch.is_grad_enabled():
-            self.aux_losses.append(self.balance_loss(w.reshape(-1, self.n_experts)))
+        if self.training and self.balance_coef > 0 and torch.is_grad_enabled() and aux_loss.collecting():
+            aux_loss.emit(self.balance_loss(w.reshape(-1, self.n_experts)))
         self._record(w)
         return y0 + delta.to(y0.dtype)
 
@@ -192,14 +194,6 @@ class MoELoRA(nn.Module):
         importance = w.sum(0)
         load = (w > 0).sum(0)
         return self.balance_coef * (cv_squared(importance) + cv_squared(load))
-
-    def pop_aux_loss(self) -> torch.Tensor | None:
-        """Sum of the load-balancing terms since the last call (None if none), cleared."""
-        if not self.aux_losses:
-            return None
-        total = torch.stack(self.aux_losses).sum()
-        self.aux_losses = []
-        return total
 
     # ---------------------------------------------------------------- routing statistics
     def reset_routing(self) -> None:

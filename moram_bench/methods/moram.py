@@ -36,28 +36,24 @@ class MoRAM(ContinualModule):
         def factory(name, linear):
             return RankOneMemory(linear.in_features, linear.out_features, topk=int(h.topk), tau=float(h.tau),
                                  delta=float(h.delta), dropout=float(h.dropout), scale=float(h.scale),
-                                 fold_scale=bool(h.fold_scale))
+                                 fold_scale=bool(h.fold_scale), r=int(h.r))
 
-        self.memories = self.inject(factory, patterns=h.get("targets"))
+        self.inject(factory, patterns=h.get("targets"))
 
-    def _all_memories(self):
-        return [m.adapter for m in self.memories.values()]
+    def begin_task(self, task: int, data, restoring: bool) -> None:
+        for mem in self.adapters().values():
+            mem.grow()  # freezes the previous task's atoms, appends r new ones
 
-    def begin_task(self, task: int, restoring: bool = False) -> None:
-        super().begin_task(task, restoring)
-        for mem in self._all_memories():
-            mem.grow(int(self.hp.r))  # freezes the previous task's atoms, appends r new ones
-
-    def end_task(self, task: int, restoring: bool = False) -> None:
+    def end_task(self, task: int, data, restoring: bool) -> None:
         last = task == len(self.stream) - 1
         if last and self.hp.keep_null_atoms:
-            for mem in self._all_memories():
-                mem.grow(int(self.hp.r))  # official quirk: fresh keys, zero values, left in
-        for mem in self._all_memories():
+            for mem in self.adapters().values():
+                mem.grow()  # official quirk: fresh keys, zero values, left in
+        for mem in self.adapters().values():
             mem.freeze()
 
     def extra_metrics(self) -> dict:
-        mems = self._all_memories()
+        mems = list(self.adapters().values())
         return {"adapted_layers": len(mems), "atoms_per_layer": mems[0].n_atoms if mems else 0,
                 "r": int(self.hp.r), "topk": int(self.hp.topk), "tau": float(self.hp.tau),
                 "delta": float(self.hp.delta), "fold_scale": bool(self.hp.fold_scale),

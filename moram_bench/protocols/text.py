@@ -24,11 +24,12 @@ identically for every method on a stream:
   1.2 and 3). The decoded text (special tokens skipped, stripped) is scored with the task's
   scorer (``moram_bench.text_scorers``) against the answer, with the prompt as source.
 
-Input prefixes (L2P-style prompts): a method may define ``text_prefix(prompt_ids,
-prompt_mask)``, called in training and in evaluation with the PROMPTS ONLY (left-padded,
-never the answers) and returning ``(B, P, d_model)`` embeddings or None; they are prepended
-to the input embeddings (attended to, never scored), and generation runs from
-``inputs_embeds``. Without the method, nothing changes.
+Input prefixes (L2P-style prompts): the method's ``text_prefix(prompt_ids, prompt_mask)``
+hook (declared on ``ContinualModule``; by default no prefix) is called in training and in
+evaluation with the PROMPTS ONLY (left-padded, never the answers) and returns
+``(B, P, d_model)`` embeddings or None, plus auxiliary outputs that the training step's
+outputs carry (e.g. L2P's selected-key cosines); the embeddings are prepended to the input
+embeddings (attended to, never scored), and generation runs from ``inputs_embeds``.
 
 Stream settings (``Stream.settings``, defaults in ``TEXT_DEFAULTS``) are fairness-relevant
 and recorded with the run; ``text_settings(cfg.stream)`` builds them from a stream config.
@@ -248,20 +249,18 @@ class TextProtocol:
         return len(batch["prompt"])
 
     # ---- training ---------------------------------------------------------------------
-    def prefix(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor | None:
-        """The method's input prefix for these (left-padded) prompts, or None (see module doc)."""
-        hook = getattr(self.m, "text_prefix", None)
-        return None if hook is None else hook(prompt_ids, prompt_mask)
+    def prefix(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """The method's input prefix for these (left-padded) prompts, or None, and its
+        auxiliary outputs (see module doc)."""
+        return self.m.text_prefix(prompt_ids, prompt_mask)
 
     def loss(self, batch: dict, task: int) -> tuple[torch.Tensor, dict]:
         ids, mask, labels = training_batch(self.encoder, batch["prompt"], batch["answer"], self.pad_id)
         dev = self.m.device
-        prefix = None
-        if getattr(self.m, "text_prefix", None) is not None:
-            p_ids, p_mask = generation_batch([self.encoder.prompt_ids(p) for p in batch["prompt"]], self.pad_id)
-            prefix = self.prefix(p_ids.to(dev), p_mask.to(dev))
+        p_ids, p_mask = generation_batch([self.encoder.prompt_ids(p) for p in batch["prompt"]], self.pad_id)
+        prefix, aux = self.prefix(p_ids.to(dev), p_mask.to(dev))
         loss, n = answer_loss(self.model, ids.to(dev), mask.to(dev), labels.to(dev), prefix)
-        return loss, {"answer_tokens": n, "input_ids": ids, "attention_mask": mask, "prefix": prefix}
+        return loss, {**aux, "answer_tokens": n, "input_ids": ids, "attention_mask": mask, "prefix": prefix}
 
     # ---- evaluation -------------------------------------------------------------------
     def on_eval_start(self) -> None:
@@ -293,7 +292,7 @@ class TextProtocol:
             idx = order[s:s + chunk]
             ids, mask = generation_batch([encoded[i] for i in idx], self.pad_id)
             ids, mask = ids.to(dev), mask.to(dev)
-            prefix = self.prefix(ids, mask)
+            prefix, _ = self.prefix(ids, mask)
             if prefix is None:
                 seq = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
                 new = seq[:, ids.shape[1]:].cpu()
