@@ -365,15 +365,29 @@ def test_cli_writes_the_three_files_and_the_readme_block(results, capsys):
     assert before == {n: (results / n).read_bytes() for n in before}
     # other READMEs: only those with the markers are touched
     top, plain = results / "top.md", results / "plain.md"
-    top.write_text("<!-- leaderboard:start --><!-- leaderboard:end -->")
+    top.write_text("<!-- leaderboard:start -->\n<!-- leaderboard:end -->\n")
     plain.write_text("no markers")
     assert L.main([str(results), "--readme", str(top), "--readme", str(plain)]) == 0
     assert "**73.00 ± 8.96**" in top.read_text() and plain.read_text() == "no markers"
     sub = results / "docs"
     sub.mkdir()
-    (sub / "deep.md").write_text("<!-- leaderboard:start --><!-- leaderboard:end -->")
+    (sub / "deep.md").write_text("<!-- leaderboard:start -->\n<!-- leaderboard:end -->\n")
     assert L.main([str(results), "--readme", str(sub / "deep.md")]) == 0
     assert "](../xtail-mini.png)" in (sub / "deep.md").read_text()
+
+
+def test_readme_markers_count_only_on_their_own_line(tmp_path):
+    # the prose may quote the markers (`<!-- leaderboard:start -->`): that is not the block
+    readme = tmp_path / "README.md"
+    readme.write_text("Tables go between `<!-- leaderboard:start -->` and `<!-- leaderboard:end -->`.\n\n"
+                      "<!-- leaderboard:start -->\nold\n<!-- leaderboard:end -->\ntail\n")
+    assert L.update_readme(readme, "NEW")
+    assert readme.read_text() == ("Tables go between `<!-- leaderboard:start -->` and `<!-- leaderboard:end -->`.\n\n"
+                                  "<!-- leaderboard:start -->\nNEW\n<!-- leaderboard:end -->\ntail\n")
+    quoted_only = tmp_path / "q.md"
+    quoted_only.write_text("see `<!-- leaderboard:start -->` and `<!-- leaderboard:end -->`\n")
+    assert not L.update_readme(quoted_only, "NEW")
+    assert not L.update_readme(tmp_path / "missing.md", "NEW")
 
 
 def test_cli_errors(tmp_path, capsys):

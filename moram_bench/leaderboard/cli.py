@@ -29,15 +29,17 @@ class LeaderboardError(Exception):
 
 def update_readme(path: Path, body: str) -> bool:
     """Replace the text between the leaderboard markers of ``path``; ``False`` if the file
-    or its markers are absent."""
+    or its markers are absent. A marker counts only on a line of its own (a marker quoted
+    in the prose, e.g. inside backticks, is text)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return False
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
+    start = re.search(rf"^[ \t]*{re.escape(README_START)}[ \t]*$", text, re.M)
+    end = start and re.search(rf"^[ \t]*{re.escape(README_END)}[ \t]*$", text[start.end():], re.M)
+    if not start or not end:
         return False
-    new = text[: start + len(README_START)] + "\n" + body.rstrip("\n") + "\n" + text[end:]
+    new = text[: start.end()] + "\n" + body.rstrip("\n") + "\n" + text[start.end() + end.start():]
     if new != text:
         atomic_write_text(path, new)
     return True
