@@ -26,8 +26,8 @@ def _fail(msg: str, code: int = USAGE_ERROR) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .config import ConfigError, resolve_config
-    from .streams.base import StreamError
+    from .config import resolve_config
+    from .errors import ConfigError, RunInterrupted
 
     try:
         cfg = resolve_config(args.overrides, args.config)
@@ -37,8 +37,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
             run(cfg)
         except NonFiniteLossError as e:
             return _fail(str(e), 1)
-    except (ConfigError, StreamError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # StreamError is a ConfigError
         return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except RunInterrupted as e:  # SIGINT / SIGTERM: what is saved and how to resume
+        return _fail(str(e), e.exit_code)
     except KeyboardInterrupt:
         return _fail("interrupted; finished tasks are saved, run the same command again to resume", 130)
     except Exception as e:  # lightning's configuration errors are user errors too

@@ -16,8 +16,6 @@ set keys that exist (typos are errors) and must keep the type of the default.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -29,15 +27,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import registry
 from .errors import ConfigError  # noqa: F401  (re-exported: `from moram_bench.config import ConfigError`)
+# the run directory's rules, re-exported under their old names
+from .rundir import RESULT_NEUTRAL_KEYS as VOLATILE_KEYS, comparable, config_hash  # noqa: F401
+from .rundir import output_dir as default_output_dir  # noqa: F401
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ("method", "stream", "backbone")
 MODALITY_BLOCKS = ("image", "text")
-# keys that may differ between a run and its resumption without changing results
-VOLATILE_KEYS = ("overwrite", "output_dir", "trainer.enable_progress_bar", "trainer.devices",
-                 "trainer.num_nodes", "trainer.strategy", "trainer.num_threads",
-                 "trainer.log_every_n_steps", "data.num_workers", "data.eval_batch_size",
-                 "cache_dir", "plugins")
 
 
 def _load_yaml(path: Path, what: str) -> DictConfig:
@@ -349,29 +345,6 @@ def validate_config(cfg: DictConfig) -> None:
             for b in betas:
                 check_ranges({"betas": b}, {"betas": "in [0, 1)"}, prefix="method.optim.")
     registry.METHODS[cfg.method.name].validate_config(cfg.method)
-
-
-def default_output_dir(cfg: DictConfig) -> Path:
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    return Path("results") / "runs" / cfg.stream.name / cfg.method.name / f"seed{cfg.seed}"
-
-
-def comparable(cfg: DictConfig) -> dict:
-    """The config without keys that may change between a run and its resumption."""
-    d = OmegaConf.to_container(cfg, resolve=True)
-    for key in VOLATILE_KEYS:
-        parts = key.split(".")
-        node = d
-        for p in parts[:-1]:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(parts[-1], None)
-    return d
-
-
-def config_hash(cfg: DictConfig) -> str:
-    return hashlib.sha256(json.dumps(comparable(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 _RULE = re.compile(r"^(?P<op>>=|>|<=|<)\s*(?P<x>[-+.\deE]+)$"

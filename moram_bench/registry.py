@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import ConfigError
+
 METHODS: dict[str, type] = {}
 STREAMS: dict[str, Callable] = {}
 BACKBONES: dict[str, Callable] = {}
@@ -78,8 +80,6 @@ def load_plugin(path: str | os.PathLike) -> None:
     elif p.is_file():
         files = [p]
     else:
-        from .config import ConfigError
-
         raise ConfigError(f"plugin path {str(path)!r} does not exist")
     _discovered.add(str(p))
     for f in files:

@@ -26,17 +26,20 @@ than 1, or ``trainer.num_nodes > 1``): Lightning's DDP launcher re-executes the 
 line, so such points, or all points with ``--subprocess``, run as ``python -m moram_bench
 fit ...`` child processes. A failed point is reported and the sweep goes on; the summary
 at the end lists the failures and the exit code is 1 (0 when every point finished or was
-already finished, 130 when interrupted). A JSON log of the sweep is kept in
-``RESULTS/sweeps/``.
+already finished). SIGINT or SIGTERM stops the sweep: the running point saves its finished
+tasks (a ``fit`` child is sent the same signal), the summary and the log are written, and
+the exit code is 130 or 143. A JSON log of the sweep is kept (and locked while the sweep
+runs) in ``RESULTS/sweeps/``. The checks before a run and the directory rules are those of
+``fit`` (``moram_bench.rundir``).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import itertools
-import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -46,8 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import ConfigError, config_hash, resolve_config
 from . import metrics as M
+from . import rundir
+from .config import resolve_config
+from .errors import ConfigError, RunInterrupted
 
 __all__ = ["GridPoint", "split_values", "expand_grid", "needs_subprocess", "plan_sweep", "run_sweep",
            "run_in_process", "run_subprocess", "SubprocessFailed", "main"]
@@ -62,9 +67,10 @@ class GridPoint:
 
     ``overrides``: the ``key=value`` list of this point (what ``fit`` would get);
     ``axes``: the values of the keys that vary over the grid; ``state``: ``"new"``,
-    ``"resume"`` (an unfinished run with the same config) or ``"finished"`` (skipped);
-    after running, ``result`` is ``"done"``, ``"skipped"`` or ``"failed"`` (``error``
-    says why) and ``seconds`` its wall time.
+    ``"resume"`` (an unfinished run with the same config), ``"replace"`` (overwrite=true
+    over an earlier run) or ``"finished"`` (skipped); after running, ``result`` is
+    ``"done"``, ``"skipped"``, ``"failed"`` or ``"interrupted"`` (``error`` says why) and
+    ``seconds`` its wall time.
     """
 
     index: int
@@ -167,40 +173,6 @@ def needs_subprocess(cfg) -> bool:
     return not (strategy in ("auto", "single_device") and str(t.devices) == "1" and int(t.num_nodes) == 1)
 
 
-def _check_point(cfg) -> None:
-    """The cheap checks ``fit`` would do before building anything."""
-    from . import registry
-    from .runner import check_trainer_config
-
-    cls = registry.METHODS[cfg.method.name]
-    modality = str(cfg.stream.get("modality", "image"))
-    if modality not in getattr(cls, "modalities", (modality,)):
-        raise ConfigError(f"method {cfg.method.name!r} cannot run on {modality} streams like {cfg.stream.name!r} "
-                          f"(it supports: {', '.join(cls.modalities)})")
-    cls.validate_config(cfg.method)
-    check_trainer_config(cfg)
-
-
-def _existing_state(cfg, out: Path) -> tuple[str, str]:
-    """``(state, problem)`` of a point's directory: new / resume / finished, or a problem."""
-    path = out / "run_state.json"
-    if not path.exists() or cfg.overwrite:
-        return "new", ""
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        return "new", f"{path} is unreadable ({type(e).__name__})"
-    if state.get("config_hash") != config_hash(cfg):
-        from .config import comparable
-
-        theirs, ours = state.get("config", {}), comparable(cfg)
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        return "new", f"{out} holds a run with a different config (differs in: {', '.join(diff) or 'details'})"
-    if state.get("finished"):
-        return "finished", ""
-    return "resume", f"{state.get('completed_tasks', '?')}/{state.get('num_tasks', '?')} tasks done"
-
-
 def plan_sweep(overrides: list[str], config_file: Optional[str] = None,
                results: Optional[str] = None) -> list[GridPoint]:
     """Expand, resolve and check every grid point; decide its directory and state.
@@ -213,22 +185,14 @@ def plan_sweep(overrides: list[str], config_file: Optional[str] = None,
         where = f" (grid point {i + 1} of {len(grid)}: {' '.join(f'{k}={v}' for k, v in axes.items())})" if axes else ""
         try:
             cfg = resolve_config(ovr, config_file)
-            _check_point(cfg)
+            rundir.check_method(cfg)
+            rundir.check_trainer_config(cfg)
         except ConfigError as e:
             raise ConfigError(f"{e}{where}") from None
-        if cfg.output_dir:
-            if results is not None:
-                raise ConfigError("give either output_dir=... or --results DIR, not both")
-            from .config import default_output_dir
-
-            out = default_output_dir(cfg)
-        else:
-            out = Path(results or "results") / "runs" / str(cfg.stream.name) / str(cfg.method.name)
-            variant = _variant_folder(axes)
-            if variant:
-                out = out / variant
-            out = out / f"seed{cfg.seed}"
-            cfg.output_dir = str(out)
+        if cfg.output_dir and results is not None:
+            raise ConfigError("give either output_dir=... or --results DIR, not both")
+        out = rundir.output_dir(cfg, results, _variant_folder(axes))
+        cfg.output_dir = str(out)
         points.append(GridPoint(index=i, overrides=ovr, axes=axes, cfg=cfg, out=Path(out)))
 
     seen: dict[str, GridPoint] = {}
@@ -240,14 +204,17 @@ def plan_sweep(overrides: list[str], config_file: Optional[str] = None,
         seen[key] = p
     conflicts = []
     for p in points:
-        p.state, problem = _existing_state(p.cfg, p.out)
-        if p.state == "resume":
-            p.progress = problem
-        elif problem:
-            conflicts.append(problem)
+        try:
+            plan = rundir.preflight(p.cfg, p.out)  # data, the run directory, its lock
+        except ConfigError as e:
+            conflicts.append(str(e))
+            continue
+        p.state = plan.action
+        if plan.action == "resume":
+            p.progress = plan.progress
     if conflicts:
         more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-        raise ConfigError(f"{conflicts[0]}{more}; use --results DIR for a new sweep or overwrite=true to replace them")
+        raise ConfigError(f"{conflicts[0]}{more}; for a new sweep use --results DIR")
     return points
 
 
@@ -305,11 +272,15 @@ def run_subprocess(point: GridPoint, config_file: Optional[str] = None) -> None:
     t.start()
     try:
         code = proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
+    except (KeyboardInterrupt, RunInterrupted) as e:  # stop the child the same way; it saves its tasks
+        proc.send_signal(getattr(e, "signum", signal.SIGINT))
         proc.wait()
         raise
     t.join()
+    signum = -code if code < 0 else code - 128 if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else 0
+    if signum in (signal.SIGINT, signal.SIGTERM):
+        msg = last[0] if last else ""
+        raise RunInterrupted(signum, msg[len("error: "):] if msg.startswith("error: ") else msg)
     if code != 0:
         msg = last[0] if last else ""
         msg = msg[len("error: "):] if msg.startswith("error: ") else msg
@@ -332,15 +303,32 @@ def _log(points: list[GridPoint], path: Optional[Path], argv: list[str], started
 def run_sweep(points: list[GridPoint], *, config_file: Optional[str] = None, force_subprocess: bool = False,
               log_path: Optional[Path] = None, argv: Optional[list[str]] = None,
               runner: Optional[Callable[[GridPoint], None]] = None, echo: Callable[[str], None] = print) -> int:
-    """Run the planned points one after another; returns the exit code (0, 1 or 130).
+    """Run the planned points one after another; returns the exit code: 0, 1 (a point
+    failed), 130 or 143 (interrupted by SIGINT / SIGTERM: the summary and the log are
+    written, the interrupted point is counted as interrupted, the rest as not started).
 
     ``runner`` replaces the per-point execution (tests); by default a point runs in-process
-    or as a subprocess (see the module docstring)."""
+    or as a subprocess (see the module docstring). The log file is locked while the sweep
+    runs (``<log>.lock``)."""
+    lock = None
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        lock = rundir.RunLock(Path(log_path).with_suffix(".lock"))
+        lock.acquire()
+    try:
+        with rundir.interruptible():
+            return _run_points(points, config_file, force_subprocess, log_path, argv or [], runner, echo)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_points(points, config_file, force_subprocess, log_path, argv, runner, echo) -> int:
     started = time.time()
     total = len(points)
     todo = [p for p in points if p.state != "finished"]
     durations: list[float] = []
-    interrupted = False
+    stopped = None
     for p in points:
         head = f"[{p.index + 1}/{total}] {p.label}"
         if p.state == "finished":
@@ -351,7 +339,7 @@ def run_sweep(points: list[GridPoint], *, config_file: Optional[str] = None, for
         eta = (f", ETA {_fmt_duration(remaining * sum(durations) / len(durations))}" if durations
                else "")
         sub = force_subprocess or needs_subprocess(p.cfg)
-        how = "resuming, " + p.progress if p.state == "resume" else "starting"
+        how = {"resume": "resuming, " + p.progress, "replace": "replacing the earlier run"}.get(p.state, "starting")
         echo(f"{head} ... ({how}; {p.out}; {'subprocess' if sub else 'in-process'}; "
              f"elapsed {_fmt_duration(time.time() - started)}{eta})")
         t0 = time.time()
@@ -363,39 +351,39 @@ def run_sweep(points: list[GridPoint], *, config_file: Optional[str] = None, for
             else:
                 run_in_process(p)
             p.result = "done"
-        except KeyboardInterrupt:
-            p.result, p.error = "failed", "interrupted"
-            interrupted = True
+        except (KeyboardInterrupt, RunInterrupted) as e:
+            stopped = e if isinstance(e, RunInterrupted) else RunInterrupted(signal.SIGINT)
+            p.result, p.error = "interrupted", str(stopped)
         except Exception as e:  # a failed point never stops the sweep
             p.result = "failed"
             first = str(e).splitlines()[0] if str(e) else ""
             p.error = f"{type(e).__name__}: {first}" if first else type(e).__name__
             expected = isinstance(e, (ConfigError, SubprocessFailed)) or type(e).__name__ in (
-                "StreamError", "NonFiniteLossError", "MisconfigurationException")
+                "NonFiniteLossError", "MisconfigurationException")
             if not expected:
                 traceback.print_exc()
         p.seconds = time.time() - t0
         durations.append(p.seconds)
-        echo(f"{head}: {'finished' if p.result == 'done' else 'FAILED: ' + p.error} "
-             f"after {_fmt_duration(p.seconds)}")
-        _log(points, log_path, argv or [], started)
-        if interrupted:
+        verdict = {"done": "finished", "interrupted": "INTERRUPTED: " + p.error}.get(p.result, "FAILED: " + p.error)
+        echo(f"{head}: {verdict} after {_fmt_duration(p.seconds)}")
+        _log(points, log_path, argv, started)
+        if stopped is not None:
             break
 
-    done = [p for p in points if p.result == "done"]
-    skipped = [p for p in points if p.result == "skipped"]
-    failed = [p for p in points if p.result == "failed"]
-    pending = [p for p in points if p.result == "pending"]
-    echo(f"\nsweep: {len(done)} run(s) finished now, {len(skipped)} already finished, {len(failed)} failed"
-         + (f", {len(pending)} not started" if pending else "")
+    count = {r: [p for p in points if p.result == r] for r in ("done", "skipped", "failed", "interrupted", "pending")}
+    echo(f"\nsweep: {len(count['done'])} run(s) finished now, {len(count['skipped'])} already finished, "
+         f"{len(count['failed'])} failed"
+         + (f", {len(count['interrupted'])} interrupted" if count["interrupted"] else "")
+         + (f", {len(count['pending'])} not started" if count["pending"] else "")
          + f" ({_fmt_duration(time.time() - started)})")
-    for p in failed:
+    for p in count["failed"]:
         echo(f"  FAILED [{p.index + 1}/{total}] {p.label}: {p.error} ({p.out})")
-    _log(points, log_path, argv or [], started)
-    if interrupted:
-        echo("interrupted: run the same sweep again to continue (finished runs are skipped, the interrupted one resumes)")
-        return 130
-    return 1 if failed else 0
+    _log(points, log_path, argv, started)
+    if stopped is not None:
+        echo(f"interrupted by {stopped.signame}: run the same sweep again to continue "
+             "(finished runs are skipped, the interrupted one resumes after its last finished task)")
+        return stopped.exit_code
+    return 1 if count["failed"] else 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -422,18 +410,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return USAGE_ERROR
     try:
         points = plan_sweep(args.overrides, args.config, args.results)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # StreamError is a ConfigError
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr, flush=True)
         return USAGE_ERROR
-    except Exception as e:
-        if type(e).__name__ == "StreamError":
-            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
-            return USAGE_ERROR
-        raise
     n_fin = sum(p.state == "finished" for p in points)
     n_res = sum(p.state == "resume" for p in points)
-    print(f"sweep: {len(points)} run(s): {len(points) - n_fin - n_res} new, {n_res} to resume, "
-          f"{n_fin} already finished", flush=True)
+    n_rep = sum(p.state == "replace" for p in points)
+    print(f"sweep: {len(points)} run(s): {len(points) - n_fin - n_res - n_rep} new, {n_res} to resume, "
+          + (f"{n_rep} to replace, " if n_rep else "") + f"{n_fin} already finished", flush=True)
     if args.dry_run:
         for p in points:
             print(f"  [{p.index + 1}/{len(points)}] {p.label}: {p.state}"

@@ -1,11 +1,14 @@
 """Sweeps: grid parsing, planning (directories, states, one-line errors before anything
 runs), running past failures, and the real skip of a finished run directory."""
 import json
+import os
+import signal
 
 import pytest
 
 from moram_bench import sweep as S
 from moram_bench.config import ConfigError, config_hash
+from moram_bench.errors import RunInterrupted
 
 TINY = ["stream=synthetic-tiny", "stream.num_tasks=2", "stream.classes_per_task=2", "stream.test_per_class=2",
         "stream.shots=2", "trainer.enable_progress_bar=false"]
@@ -75,6 +78,8 @@ def _state(out, cfg, finished, done=1):
     out.mkdir(parents=True, exist_ok=True)
     (out / "run_state.json").write_text(json.dumps(
         {"config_hash": config_hash(cfg), "config": {}, "finished": finished, "completed_tasks": done, "num_tasks": 2}))
+    if finished:
+        (out / "metrics.json").write_text("{}")
 
 
 def test_plan_states_resume_finished_and_conflicts(tmp_path):
@@ -89,9 +94,9 @@ def test_plan_states_resume_finished_and_conflicts(tmp_path):
     (pts[2].out / "run_state.json").write_text(json.dumps({"config_hash": "other", "config": {}, "finished": True}))
     with pytest.raises(ConfigError, match="holds a run with a different config.*--results DIR"):
         S.plan_sweep(args, results=str(tmp_path))
-    # overwrite=true reruns everything
+    # overwrite=true reruns everything (each earlier run is replaced)
     pts = S.plan_sweep(args + ["overwrite=true"], results=str(tmp_path))
-    assert [p.state for p in pts] == ["new", "new", "new"]
+    assert [p.state for p in pts] == ["replace", "replace", "replace"]
 
 
 def test_run_sweep_continues_past_failures_and_reports_them(tmp_path):
@@ -126,7 +131,58 @@ def test_interrupt_stops_the_sweep(tmp_path):
 
     lines = []
     assert S.run_sweep(pts, runner=fake, echo=lines.append) == 130
-    assert [p.result for p in pts] == ["failed", "pending"] and "1 not started" in "\n".join(lines)
+    assert [p.result for p in pts] == ["interrupted", "pending"] and "1 not started" in "\n".join(lines)
+
+
+def test_sigterm_in_a_point_is_interrupted_not_done_and_the_log_is_written(tmp_path):
+    """Issue 17 item 2: a point stopped by SIGTERM is never counted as finished; the sweep
+    writes its summary and log and exits 143."""
+    pts = S.plan_sweep(["method=zeroshot", *TINY, "seed=0,1,2"], results=str(tmp_path))
+
+    def fake(point):
+        if point.cfg.seed == 1:
+            raise RunInterrupted(signal.SIGTERM, "tasks 1-1 of 2 are saved")
+
+    lines, log = [], tmp_path / "sweeps" / "log.json"
+    assert S.run_sweep(pts, runner=fake, echo=lines.append, log_path=log) == 143
+    assert [p.result for p in pts] == ["done", "interrupted", "pending"]
+    text = "\n".join(lines)
+    assert "1 run(s) finished now, 0 already finished, 0 failed, 1 interrupted, 1 not started" in text
+    assert "interrupted by SIGTERM: run the same sweep again" in text
+    assert [q["result"] for q in json.loads(log.read_text())["points"]] == ["done", "interrupted", "pending"]
+    assert not list(log.parent.glob("*.lock"))  # the log's lock is released
+
+
+@pytest.mark.parametrize("code", [130, 143, -15])
+def test_subprocess_exit_130_143_means_interrupted(tmp_path, monkeypatch, code):
+    (p,) = S.plan_sweep(["method=zeroshot", *TINY], results=str(tmp_path))
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            import io
+
+            self.stderr = io.StringIO("error: interrupted by SIGTERM; tasks 1-1 of 2 are saved\n")
+
+        def wait(self):
+            return code
+
+    monkeypatch.setattr(S.subprocess, "Popen", FakePopen)
+    with pytest.raises(RunInterrupted) as info:
+        S.run_subprocess(p)
+    assert info.value.exit_code == (128 - code if code < 0 else code)
+    lines = []
+    assert S.run_sweep([p], force_subprocess=True, echo=lines.append) == info.value.exit_code
+    assert p.result == "interrupted" and "finished now" in "\n".join(lines)
+
+
+def test_a_sweep_log_is_locked(tmp_path):
+    from moram_bench.rundir import RunLock
+
+    log = tmp_path / "sweeps" / "log.json"
+    log.parent.mkdir()
+    with RunLock(log.with_suffix(".lock")):
+        with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()}"):
+            S.run_sweep([], log_path=log, echo=lambda s: None)
 
 
 def test_multi_process_points_run_as_fit_subprocesses(tmp_path, monkeypatch):

@@ -150,19 +150,15 @@ def load_hf_folder(path: str | os.PathLike, dtype=torch.float32, name: str = "hf
     if not (folder / "config.json").is_file():
         raise ConfigError(f"backbone {name}: {str(folder)!r} has no config.json "
                           "(expected a Hugging Face causal-LM folder saved with save_pretrained)")
-    from transformers.utils import logging as hf_logging
+    from ..logs import quiet_transformers
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would flood run logs
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+        with quiet_transformers(errors_only=False):
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"backbone {name}: cannot load a causal LM from {str(folder)!r}: {first}") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 

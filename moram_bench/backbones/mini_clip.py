@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..logs import drop_log_messages
+from ..logs import drop_log_messages, quiet_transformers
 from ..registry import register_backbone
 from .clip import ClipBackbone
 
@@ -357,18 +357,8 @@ def _quiet_loading():
     """Silence the expected chatter of building the composite: open_clip's warnings about a
     local config without weights (they are grafted right after), transformers' load report
     (MiniLM's unused pooler) and its weight-loading progress bar."""
-    import transformers.utils.logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        with drop_log_messages("no CLIP weights found", "initialized partially"):
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
+    with quiet_transformers(), drop_log_messages("no CLIP weights found", "initialized partially"):
+        yield
 
 
 class _single_thread:

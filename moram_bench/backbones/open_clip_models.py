@@ -259,8 +259,9 @@ def _load_torchscript_weights(model: nn.Module, path: str) -> None:
     refuses TorchScript; ``torch.jit.load`` unpickles no arbitrary Python objects)."""
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
-    with warnings.catch_warnings():  # torch.jit.load is deprecated, but these files need it
-        warnings.simplefilter("ignore", FutureWarning)
+    from ..logs import no_warnings
+
+    with no_warnings(FutureWarning):  # torch.jit.load is deprecated, but these files need it
         state_dict = torch.jit.load(path, map_location="cpu").state_dict()
     # OpenAI archives carry three scalar entries; scripted open_clip models carry their
     # non-persistent buffers (the causal attn_mask), which the model rebuilds itself

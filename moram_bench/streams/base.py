@@ -21,9 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-
-class StreamError(ValueError):
-    """A stream could not be built (missing or malformed data, bad definition)."""
+from ..errors import StreamError  # noqa: F401  (re-exported; defined with the other error types)
 
 
 class ImageSet(torch.utils.data.Dataset):
