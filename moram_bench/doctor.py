@@ -181,15 +181,14 @@ def protocol_case(kind: str, cache_dir: Optional[str] = None, method: str = "mor
     from . import registry
     from .config import resolve_config
     from .data import TaskStreamDataModule
-    from .runner import build_backbone, build_stream
 
     over = [f"method={method}"]
     over += ["stream=synthetic-tiny"] if kind == "clip" else ["stream=trace-mini", "backbone=tiny-llama"]
     if cache_dir:
         over.append(f"cache_dir={cache_dir}")
     cfg = resolve_config(over)
-    stream = build_stream(cfg)
-    backbone = build_backbone(cfg)
+    stream = registry.STREAMS[cfg.stream.name](cfg)
+    backbone = registry.BACKBONES[cfg.backbone.name](cfg)
     module = registry.METHODS[cfg.method.name](cfg, stream, backbone)
     dm = TaskStreamDataModule(stream, batch_size=4, steps_per_task=[1] * len(stream), seed=0, eval_batch_size=4,
                               transform=getattr(backbone, "preprocess", None))
