@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..adapters.inject import AdaptedLinear
+from ..adapters.inject import AdaptedBlock, AdaptedLinear
 
 
 class ClipBackbone(nn.Module):
@@ -53,7 +53,7 @@ class ClipBackbone(nn.Module):
     def trunk_cacheable(self) -> bool:
         if self._trunk is None:
             return False
-        return not any(isinstance(m, AdaptedLinear) for m in self._trunk.modules())
+        return not any(isinstance(m, (AdaptedLinear, AdaptedBlock)) for m in self._trunk.modules())
 
     def image_trunk(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels if self._trunk is None else self._trunk(pixels)

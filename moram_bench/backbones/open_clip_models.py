@@ -5,7 +5,8 @@ Both builders return a ``ClipBackbone`` whose open_clip model has had its
 and out_proj are separate ``nn.Linear`` modules that adapters can be injected into by name.
 ``info["adapter_targets"]`` holds the regular expressions of MoRAM's CLIP placement (q, k, v,
 out_proj and both MLP linears of every block of both towers); a config may override them
-with ``backbone.adapter_targets``.
+with ``backbone.adapter_targets``. ``info["adapter_blocks"]`` declares the transformer blocks
+of both towers for block-level adapters (``CLIP_ADAPTER_BLOCKS``).
 
 ``open-clip`` never touches the network: ``backbone.pretrained`` is a checkpoint file, a
 folder saved for open_clip's ``local-dir:`` loader, or a pretrained tag (e.g. ``openai``)
@@ -36,6 +37,15 @@ from .clip import ClipBackbone
 CLIP_ADAPTER_TARGETS = (
     r"(^|\.)transformer\.resblocks\.\d+\.attn\.(q_proj|k_proj|v_proj|out_proj)$",
     r"(^|\.)transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)$",
+)
+
+
+# MoE-Adapters4CL's placement: every residual block of both towers carries a block-level
+# adapter reading the residual stream that enters the MLP branch (the input of ln_2) and
+# adding its output beside the MLP (after ls_2, the identity in CLIP); see
+# moram_bench.adapters.inject (AdaptedBlock).
+CLIP_ADAPTER_BLOCKS = (
+    {"pattern": r"(^|\.)transformer\.resblocks\.\d+$", "read": "ln_2", "write": "ls_2"},
 )
 
 
@@ -143,6 +153,7 @@ def _wrap(model: nn.Module, tokenizer, preprocess, name: str, cfg: DictConfig,
     info.update(
         adapter_targets=targets,
         adapter_target_counts=per_tower,
+        adapter_blocks=[dict(spec) for spec in CLIP_ADAPTER_BLOCKS],
         unfused_attention=n_unfused,
         model_class=type(model).__name__,
         visual_class=type(model.visual).__name__,
