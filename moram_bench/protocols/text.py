@@ -7,16 +7,27 @@ identically for every method on a stream:
 - **Prompt formatting.** With ``chat_template`` (stream setting) the prompt is the user turn
   of the tokenizer's chat template, after an optional ``system_prompt``, followed by the
   assistant header; otherwise it is the raw prompt (plus the tokenizer's BOS if it adds one).
-- **Truncation.** Only the prompt's own tokens are cut, never the template around them, to
-  ``max_prompt_tokens`` in total: ``left`` (default) drops the beginning and keeps the end
-  of the prompt, where the question and its answer cue sit, as TRACE does; ``right`` keeps
-  the beginning; ``middle`` keeps both ends (instruction first, cue last) and drops the
-  middle. Answers are cut to ``max_answer_tokens`` (their end).
+- **Truncation.** Only the prompt's own tokens are cut, never the template around them:
+  ``left`` (default) drops the beginning and keeps the end of the prompt, where the
+  question and its answer cue sit, as TRACE does; ``right`` keeps the beginning; ``middle``
+  keeps both ends (instruction first, cue last) and drops the middle. ``task_truncation``
+  (``{task name: side}``) overrides the side per task (the official TRACE collator keeps
+  the START of MeetingBank's long transcripts, where its instruction sits). Generation
+  prompts hold at most ``max_prompt_tokens``. Training sequences: with
+  ``truncation_scope=separate`` the prompt is cut to ``max_prompt_tokens`` and the answer
+  to ``max_answer_tokens`` (its beginning), independently; with ``joint`` (the official
+  TRACE collator) prompt and answer share ``max_prompt_tokens + max_answer_tokens`` and
+  only the prompt is cut, so a long answer is kept whole at the expense of its prompt
+  (an answer longer than the whole budget keeps its beginning).
 - **Training.** ``input = prompt + answer + end-of-turn``, padded on the RIGHT; the loss is
-  the mean cross-entropy over answer tokens (and the end-of-turn token) only, all other
-  positions are masked. The LM head runs only at those positions (the vocabulary
-  projection is the most expensive layer of a small LM), unless the model post-processes
-  its logits (e.g. Gemma-2 soft-capping), in which case the full forward is used.
+  the cross-entropy over answer tokens (and the end-of-turn token) only, all other
+  positions are masked, averaged (``loss_average``) over all answer tokens of the batch
+  (``token``) or per sample, then over the samples (``sample``: the official TRACE runner,
+  whose micro-batch of one sample is averaged over its own tokens and the micro-batches
+  are then averaged by gradient accumulation and data parallelism). The LM head runs only
+  at those positions (the vocabulary projection is the most expensive layer of a small
+  LM), unless the model post-processes its logits (e.g. Gemma-2 soft-capping), in which
+  case the full forward is used.
 - **Evaluation.** Batched greedy decoding with a KV cache (``model.generate``), prompts
   padded on the LEFT, sorted by length and cut into chunks of ``gen_batch_size``; at most
   the task's ``max_new_tokens``; stops at the end-of-turn / EOS tokens; optional
@@ -51,17 +62,26 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "max_prompt_tokens": 512,   # prompt + template tokens, after truncation
     "max_answer_tokens": 256,   # answer tokens used for training
     "truncation": "left",       # which part of a too-long prompt is dropped: left | right | middle
+    "task_truncation": None,    # {task name: side}: per-task override of `truncation`
+    "truncation_scope": "separate",  # separate: prompt and answer cut apart; joint: to their summed budget
+    "loss_average": "token",    # token: over the batch's answer tokens; sample: per sample, then over samples
     "gen_batch_size": 32,       # prompts decoded together
     "repetition_penalty": 1.0,  # generation (1.0: off)
     "no_repeat_ngram_size": 0,  # generation (0: off)
 }
 TRUNCATIONS = ("left", "right", "middle")
+TRUNCATION_SCOPES = ("separate", "joint")
+LOSS_AVERAGES = ("token", "sample")
 _PLACEHOLDER = "\u2063MORAMPROMPT\u2063"
 
 
 def text_settings(stream_cfg: Any = None, **overrides) -> dict[str, Any]:
     """The protocol settings of a text stream: ``TEXT_DEFAULTS`` updated from the keys of
     a stream config (omegaconf node or dict) and then from ``overrides``."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    from ..streams.base import StreamError
+
     out = dict(TEXT_DEFAULTS)
     if stream_cfg is not None:
         for k in TEXT_DEFAULTS:
@@ -69,10 +89,20 @@ def text_settings(stream_cfg: Any = None, **overrides) -> dict[str, Any]:
             if v is not None:
                 out[k] = v
     out.update({k: v for k, v in overrides.items() if v is not None})
-    if out["truncation"] not in TRUNCATIONS:
-        from ..streams.base import StreamError
-
-        raise StreamError(f"stream truncation={out['truncation']!r} is not one of {', '.join(TRUNCATIONS)}")
+    out = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+           for k, v in out.items()}
+    for key, allowed in (("truncation", TRUNCATIONS), ("truncation_scope", TRUNCATION_SCOPES),
+                         ("loss_average", LOSS_AVERAGES)):
+        if out[key] not in allowed:
+            raise StreamError(f"stream {key}={out[key]!r} is not one of {', '.join(allowed)}")
+    per_task = out["task_truncation"]
+    if per_task is not None:
+        if not isinstance(per_task, dict):
+            raise StreamError(f"stream task_truncation must be a mapping task -> side, got {per_task!r}")
+        bad = next((f"{t}: {v!r}" for t, v in per_task.items() if v not in TRUNCATIONS), None)
+        if bad:
+            raise StreamError(f"stream task_truncation has {bad}; sides are {', '.join(TRUNCATIONS)}")
+        out["task_truncation"] = {str(t): str(v) for t, v in per_task.items()}
     return out
 
 
@@ -154,22 +184,46 @@ class PromptEncoder:
                 self._cache[text] = ids
         return ids
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        budget = int(self.settings["max_prompt_tokens"]) - len(self.prefix) - len(self.suffix)
-        body = truncate(self._encode_cached(prompt), budget, self.settings["truncation"])
+    def side(self, task_name: str | None = None) -> str:
+        """The truncation side of task ``task_name`` (``task_truncation``, else ``truncation``)."""
+        per_task = self.settings.get("task_truncation") or {}
+        if task_name is not None:
+            for name, side in per_task.items():
+                if name.lower() == task_name.lower():
+                    return side
+        return self.settings["truncation"]
+
+    def prompt_ids(self, prompt: str, side: str | None = None, budget: int | None = None) -> list[int]:
+        """Template + the prompt cut to ``budget`` tokens in all (default ``max_prompt_tokens``)."""
+        budget = int(self.settings["max_prompt_tokens"]) if budget is None else int(budget)
+        body = truncate(self._encode_cached(prompt), budget - len(self.prefix) - len(self.suffix),
+                        side or self.settings["truncation"])
         return self.prefix + body + self.suffix
 
     def answer_ids(self, answer: str) -> list[int]:
         ids = self._encode_cached(answer)[: int(self.settings["max_answer_tokens"])]
         return ids + self.end_of_turn
 
+    def training_ids(self, prompt: str, answer: str, side: str | None = None) -> tuple[list[int], list[int]]:
+        """(prompt part, answer part) of one training sequence (``truncation_scope``, module doc)."""
+        if self.settings.get("truncation_scope", "separate") != "joint":
+            return self.prompt_ids(prompt, side), self.answer_ids(answer)
+        total = int(self.settings["max_prompt_tokens"]) + int(self.settings["max_answer_tokens"])
+        fixed = len(self.prefix) + len(self.suffix)
+        ans = self._encode_cached(answer) + self.end_of_turn
+        if fixed + 1 + len(ans) > total:  # the answer alone exceeds the budget: keep its beginning
+            ans = ans[:max(1, total - fixed - 1)]
+        return self.prompt_ids(prompt, side, budget=total - len(ans)), ans
 
-def training_batch(enc: PromptEncoder, prompts: Sequence[str], answers: Sequence[str], pad_id: int):
+
+def training_batch(enc: PromptEncoder, prompts: Sequence[str], answers: Sequence[str], pad_id: int,
+                   side: str | None = None):
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (prompt and padding
-    positions are ``IGNORE``), as int64 tensors of shape (B, L)."""
+    positions are ``IGNORE``), as int64 tensors of shape (B, L); prompts truncated on
+    ``side`` (default: the stream's ``truncation``)."""
     rows, labels = [], []
     for p, a in zip(prompts, answers):
-        pi, ai = enc.prompt_ids(p), enc.answer_ids(a)
+        pi, ai = enc.training_ids(p, a, side)
         rows.append(pi + ai)
         labels.append([IGNORE] * len(pi) + ai)
     width = max(len(r) for r in rows)
@@ -197,10 +251,12 @@ def generation_batch(prompt_ids: Sequence[Sequence[int]], pad_id: int):
 
 
 def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                prefix: torch.Tensor | None = None):
-    """Mean next-token cross-entropy over the labelled positions; the LM head is applied
-    to those positions only when the model allows it. ``prefix`` ``(B, P, d)``: embeddings
-    prepended to the inputs (attended to, not scored). Returns (loss, n_tokens)."""
+                prefix: torch.Tensor | None = None, average: str = "token"):
+    """Next-token cross-entropy over the labelled positions, averaged over all of them
+    (``average="token"``) or over each sample's own positions and then over the samples
+    that have any (``"sample"``); the LM head is applied to those positions only when the
+    model allows it. ``prefix`` ``(B, P, d)``: embeddings prepended to the inputs (attended
+    to, not scored). Returns (loss, n_tokens)."""
     target = labels[:, 1:]
     keep = target != IGNORE
     n = int(keep.sum())
@@ -223,7 +279,13 @@ def answer_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
         logits = head(hidden[:, :-1][keep])
     else:
         logits = model(**inputs, use_cache=False).logits[:, skip:][:, :-1][keep]
-    return F.cross_entropy(logits.float(), target[keep]), n
+    if average == "token":
+        return F.cross_entropy(logits.float(), target[keep]), n
+    per_token = F.cross_entropy(logits.float(), target[keep], reduction="none")
+    counts = keep.sum(1)
+    rows = keep.nonzero()[:, 0]  # row of each labelled position, in the order of ``keep``
+    weights = 1.0 / (counts[rows].to(per_token.dtype) * int((counts > 0).sum()))
+    return (per_token * weights).sum(), n
 
 
 class TextProtocol:
@@ -254,12 +316,18 @@ class TextProtocol:
         auxiliary outputs (see module doc)."""
         return self.m.text_prefix(prompt_ids, prompt_mask)
 
+    def side(self, task: int) -> str:
+        """The prompt truncation side of task ``task`` (``task_truncation`` / ``truncation``)."""
+        return self.encoder.side(self.m.stream.tasks[task].name)
+
     def loss(self, batch: dict, task: int) -> tuple[torch.Tensor, dict]:
-        ids, mask, labels = training_batch(self.encoder, batch["prompt"], batch["answer"], self.pad_id)
+        side = self.side(task)
+        ids, mask, labels = training_batch(self.encoder, batch["prompt"], batch["answer"], self.pad_id, side)
         dev = self.m.device
-        p_ids, p_mask = generation_batch([self.encoder.prompt_ids(p) for p in batch["prompt"]], self.pad_id)
+        p_ids, p_mask = generation_batch([self.encoder.prompt_ids(p, side) for p in batch["prompt"]], self.pad_id)
         prefix, aux = self.prefix(p_ids.to(dev), p_mask.to(dev))
-        loss, n = answer_loss(self.model, ids.to(dev), mask.to(dev), labels.to(dev), prefix)
+        loss, n = answer_loss(self.model, ids.to(dev), mask.to(dev), labels.to(dev), prefix,
+                              average=self.settings["loss_average"])
         return loss, {**aux, "answer_tokens": n, "input_ids": ids, "attention_mask": mask, "prefix": prefix}
 
     # ---- evaluation -------------------------------------------------------------------
@@ -280,9 +348,10 @@ class TextProtocol:
                                 use_cache=True)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers to ``prompts`` (batched, left-padded, sorted by length)."""
-        encoded = [self.encoder.prompt_ids(p) for p in prompts]
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, side: str | None = None) -> list[str]:
+        """Greedy answers to ``prompts`` (batched, left-padded, sorted by length; prompts
+        truncated on ``side``, default the stream's ``truncation``)."""
+        encoded = [self.encoder.prompt_ids(p, side) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         chunk = max(1, int(self.settings["gen_batch_size"]))
         gen_cfg = self._generation_config(max_new_tokens)
@@ -307,6 +376,6 @@ class TextProtocol:
 
     def scores(self, batch: dict, task: int) -> torch.Tensor:
         t = self.m.stream.tasks[task]
-        preds = self.generate(batch["prompt"], t.max_new_tokens)
+        preds = self.generate(batch["prompt"], t.max_new_tokens, self.side(task))
         vals = text_scorers.score(t.scorer, preds, batch["answer"], batch["prompt"])
         return torch.tensor(vals, dtype=torch.float64)

@@ -8,12 +8,17 @@ each a JSON list of ``{"prompt": str, "answer": str}``. Task folders are matched
 case-insensitively; train.json and test.json are read (eval.json is the official
 validation split, not used by the protocol). Nothing here may be committed (licences).
 
-Order and scoring (PROTOCOLS.md): C-STANCE and FOMC: first option letter; MeetingBank:
+Order and scoring (docs/PROTOCOLS.md): C-STANCE and FOMC: first option letter; MeetingBank:
 ROUGE-L F; Py150: edit similarity after restoring literal placeholders; ScienceQA: first
 character; NumGLUE-cm and NumGLUE-ds: numeric answer; 20Minuten: SARI with the prompt as
 source. Epochs per task 2,1,3,2,1,2,2,3 (the official MoRAM TRACE runner), unless
-``stream.epochs`` (all tasks) is set. ``stream.max_train`` / ``stream.max_test`` cap the
-splits with a fixed-seed subset (``stream.subset_seed``), identical for every method;
+``stream.epochs`` (all tasks) is set. Decoding and loss follow the official runner by
+default: up to 512 new tokens for every task (``stream.max_new_tokens``, a per-task
+mapping in conf/stream/trace.yaml), prompt and answer truncated jointly
+(``truncation_scope: joint``), the start of MeetingBank's transcripts kept
+(``task_truncation``), the loss averaged per sample (``loss_average: sample``); see
+``moram_bench.protocols.text``. ``stream.max_train`` / ``stream.max_test`` cap the splits
+with a fixed-seed subset (``stream.subset_seed``), identical for every method;
 ``stream.tasks`` selects or reorders tasks.
 """
 from __future__ import annotations
@@ -103,7 +108,7 @@ def build_trace(cfg) -> Stream:
         tasks.append(Task(name=name, train=capped(splits["train"], s.get("max_train"), subset_seed(seed, name, "train")),
                           test=capped(splits["test"], s.get("max_test"), subset_seed(seed, name, "test")),
                           scorer=TRACE_SCORERS[name],
-                          max_new_tokens=int(per_task(s.get("max_new_tokens"), name, TRACE_TASKS, 64)),
+                          max_new_tokens=int(per_task(s.get("max_new_tokens"), name, TRACE_TASKS, 512)),
                           epochs=float(epochs) if epochs is not None else None,
                           extra={"folder": str(folder)}))
     settings = text_settings(s)
