@@ -16,7 +16,13 @@ def _threads():
     torch.set_num_threads(n)
 
 
-def tiny_overrides(tmp_path, *extra):
-    """Overrides for a fast end-to-end fit: the synthetic stream on the random tiny CLIP."""
-    return ["stream=synthetic-tiny", f"output_dir={tmp_path}", "trainer.enable_progress_bar=false",
-            f"cache_dir={tmp_path}/cache", *extra]
+def _tiny_overrides(out, *extra):
+    return ["stream=synthetic-tiny", f"output_dir={out}", "trainer.enable_progress_bar=false",
+            f"cache_dir={out}/cache", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides():
+    """``tiny_overrides(out, *extra)``: overrides for a fast end-to-end fit into ``out``: the
+    synthetic stream on the random tiny CLIP, no progress bar, a cache inside ``out``."""
+    return _tiny_overrides

@@ -3,7 +3,6 @@ import json
 
 import pytest
 
-from conftest import tiny_overrides
 from moram_bench.__main__ import main
 
 
@@ -12,7 +11,7 @@ def snapshot(path):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(tiny_overrides, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "done"
     assert main(["fit", *tiny_overrides(out, "method=zeroshot")]) == 0
     return out
@@ -41,7 +40,7 @@ def one_line_error(capsys) -> str:
     (["trainer.devices=512"], "has only"),
     (["stream=xtail"], "data_dir"),
 ])
-def test_bad_input_is_one_line_exit_2_and_leaves_results_intact(finished_run, capsys, args, fragment):
+def test_bad_input_is_one_line_exit_2_and_leaves_results_intact(tiny_overrides, finished_run, capsys, args, fragment):
     before = snapshot(finished_run)
     # pointed at the finished run's directory: nothing there may change
     code = main(["fit", *tiny_overrides(finished_run, "method=zeroshot"), *args])
@@ -50,7 +49,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_results_intact(finished_run, ca
     assert snapshot(finished_run) == before
 
 
-def test_task_with_no_samples(tmp_path, capsys):
+def test_task_with_no_samples(tiny_overrides, tmp_path, capsys):
     import numpy as np
 
     from moram_bench.streams.base import ArrayImageSet, Stream, StreamError, Task
@@ -64,14 +63,14 @@ def test_task_with_no_samples(tmp_path, capsys):
         Stream("s", "image", [Task("a", full, full, ["x", "y"]), Task("b", empty, full, ["z"])])
 
 
-def test_malformed_yaml_config(tmp_path, capsys):
+def test_malformed_yaml_config(tiny_overrides, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: {name: moram\n")
     assert main(["fit", "--config", str(bad), *tiny_overrides(tmp_path / "out")]) == 2
     assert "malformed YAML" in one_line_error(capsys)
 
 
-def test_missing_and_corrupt_data_files(tmp_path, capsys):
+def test_missing_and_corrupt_data_files(tiny_overrides, tmp_path, capsys):
     root = tmp_path / "data"
     (root / "eurosat").mkdir(parents=True)
     (root / "eurosat" / "split_zhou_EuroSAT.json").write_text("{not json")
@@ -80,14 +79,14 @@ def test_missing_and_corrupt_data_files(tmp_path, capsys):
     assert str(root) in line
 
 
-def test_unwritable_output_dir(tmp_path, capsys):
+def test_unwritable_output_dir(tiny_overrides, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["fit", *tiny_overrides(blocker / "run", "method=zeroshot")]) == 2
     assert "not writable" in one_line_error(capsys)
 
 
-def test_checkpoint_from_another_method_is_refused(tmp_path, capsys):
+def test_checkpoint_from_another_method_is_refused(tiny_overrides, tmp_path, capsys):
     import torch
 
     out = tmp_path / "run"
@@ -103,7 +102,7 @@ def test_checkpoint_from_another_method_is_refused(tmp_path, capsys):
     assert snapshot(out) == before
 
 
-def test_non_finite_loss_names_task_and_step_and_keeps_rows(tmp_path, capsys):
+def test_non_finite_loss_names_task_and_step_and_keeps_rows(tiny_overrides, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["fit", *tiny_overrides(out, "method=seq-lora", "method.r=2", "method.optim.lr=1e30")])
     assert code == 1

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_overrides
 from moram_bench import registry
 from moram_bench.adapters.covariance import InputCovariance, free_directions, gpm_update
 from moram_bench.adapters.moe import MoELoRA, top_k_softmax
@@ -377,7 +376,7 @@ def test_grown_state_round_trip_gives_identical_outputs(method):
 
 # ------------------------------------------------------------------------------------ end to end
 @pytest.mark.parametrize("method", ["moe-lora", "l2p", "inflora"])
-def test_fit_end_to_end_writes_the_matrix(tmp_path, method):
+def test_fit_end_to_end_writes_the_matrix(tiny_overrides, tmp_path, method):
     from moram_bench.__main__ import main
 
     out = tmp_path / "run"

@@ -7,6 +7,8 @@ import pytest
 
 from moram_bench import metrics as M
 
+pytestmark = pytest.mark.slow  # subprocess fits with 1 and 2 processes
+
 
 def fit(out, devices, method_args):
     cmd = [sys.executable, "-m", "moram_bench", "fit", "stream=synthetic-tiny", *method_args,

@@ -1,14 +1,11 @@
 """End-to-end fits on the tiny synthetic stream: the run directory contract."""
-import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import tiny_overrides
 from moram_bench import metrics as M
 from moram_bench.__main__ import main
 
@@ -16,19 +13,15 @@ REQUIRED = ("last", "avg_incremental", "mtil_avg", "transfer", "bwt", "bwt_trace
             "method", "stream", "seed", "config", "versions", "train_seconds", "eval_seconds")
 
 
-def read_matrix(path: Path):
-    with open(path) as f:
-        rows = list(csv.reader(f))
-    return rows[0], np.array([[float(v) for v in r[1:]] for r in rows[1:]]), [r[0] for r in rows[1:]]
-
-
 @pytest.mark.parametrize("method", ["moram", "seq-lora", "zeroshot"])
-def test_fit_writes_the_run_directory(tmp_path, method):
+def test_fit_writes_the_run_directory(tiny_overrides, tmp_path, method):
     out = tmp_path / "run"
     assert main(["fit", *tiny_overrides(out, f"method={method}", "method.r=2" if method != "zeroshot" else "seed=0")]) == 0
-    header, R, idx = read_matrix(out / "matrix.csv")
-    assert header == ["after_task", "task1", "task2", "task3"]
-    assert idx == ["0", "1", "2", "3"] and R.shape == (4, 3)
+    R, names = M.read_matrix_csv(out / "matrix.csv")
+    assert names == ["task1", "task2", "task3"]
+    assert (out / "matrix.csv").read_text().splitlines()[0] == "after_task,task1,task2,task3"
+    assert [line.split(",")[0] for line in (out / "matrix.csv").read_text().splitlines()[1:]] == ["0", "1", "2", "3"]
+    assert R.shape == (4, 3)
     assert ((R >= 0) & (R <= 100)).all()
     m = json.loads((out / "metrics.json").read_text())
     for key in REQUIRED:
@@ -57,22 +50,41 @@ def test_fit_writes_the_run_directory(tmp_path, method):
         assert shares.shape == (3, 3) and names == ["task1", "task2", "task3"]
 
 
-def test_per_task_scalars_do_not_overwrite(tmp_path):
+def test_one_tensorboard_run_with_global_steps_task_tags_heatmap_and_hparams(tiny_overrides, tmp_path):
+    """Issue 14 item 7: one TensorBoard run per run directory (every event file in one
+    folder), a global step across tasks, tags namespaced by task, the matrix heatmap as an
+    image, and the method's settings with the final metrics in the HParams view."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     out = tmp_path / "run"
     assert main(["fit", *tiny_overrides(out, "method=seq-lora", "method.r=2", "trainer.log_every_n_steps=1")]) == 0
-    tags = set()
-    for ev in (out / "tensorboard").rglob("events.out.tfevents*"):
-        acc = EventAccumulator(str(ev.parent))
-        acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
+    folders = {ev.parent for ev in (out / "tensorboard").rglob("events.out.tfevents*")}
+    assert folders == {out / "tensorboard"}
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    steps = 5  # synthetic-tiny: iterations per task
     for t in (1, 2, 3):
-        assert f"train/task{t}/loss" in tags
-    assert "eval/task1" in tags and "eval/avg_seen_tasks" in tags
+        train = [e.step for e in acc.Scalars(f"train/task{t}/loss")]
+        assert train and min(train) >= (t - 1) * steps and max(train) < t * steps, (t, train)  # global step
+        for name in ("task1", "task2", "task3"):
+            assert f"eval/after_task{t}/{name}" in tags
+    assert "eval/after_task0/task1" in tags  # row 0: the untrained backbone
+    assert [e.step for e in acc.Scalars("eval/avg_seen_tasks")] == [0, 5, 10, 15]
+    m = json.loads((out / "metrics.json").read_text())
+    assert acc.Scalars("eval/after_task3/task2")[-1].value == pytest.approx(m["matrix"][3][1], abs=1e-4)
+    assert "accuracy_matrix" in acc.Tags()["images"]
+    # HParams: the settings (method.r) and the final metrics
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["method"].string_value == "seq-lora" and start.hparams["method.r"].number_value == 2
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {"final/last", "final/bwt"} <= {mi.name.tag for mi in experiment.metric_infos}
+    assert acc.Scalars("final/last")[-1].value == pytest.approx(m["last"], abs=1e-4)
 
 
-def test_finished_run_is_not_retrained_and_other_config_refused(tmp_path, capsys):
+def test_finished_run_is_not_retrained_and_other_config_refused(tiny_overrides, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["fit", *tiny_overrides(out, "method=zeroshot")]) == 0
     before = (out / "matrix.csv").read_text()

@@ -3,7 +3,6 @@ way (the @register_method decorator + `plugins=[path]` or MORAM_BENCH_PLUGINS), 
 import json
 import textwrap
 
-from conftest import tiny_overrides
 from moram_bench.__main__ import main
 
 METHOD_FILE = '''
@@ -28,7 +27,7 @@ optim: {name: adamw, lr: 0.01, betas: [0.9, 0.999], weight_decay: 0.0, schedule:
 '''
 
 
-def test_a_method_file_in_a_temporary_place_fits_a_stream(tmp_path, capsys):
+def test_a_method_file_in_a_temporary_place_fits_a_stream(tiny_overrides, tmp_path, capsys):
     plugin_dir = tmp_path / "my_methods"
     plugin_dir.mkdir()
     (plugin_dir / "last_layer_lora.py").write_text(textwrap.dedent(METHOD_FILE))

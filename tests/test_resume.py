@@ -7,7 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from moram_bench import metrics as M
+
+pytestmark = pytest.mark.slow  # subprocess fits
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
