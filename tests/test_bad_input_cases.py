@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_overrides  # noqa: E402
+from conftest import _tiny_overrides as tiny_overrides  # noqa: E402
 
 from moram_bench.__main__ import main  # noqa: E402
 
