@@ -1,6 +1,6 @@
 """Continual-learning metrics: pure functions of the accuracy matrix.
 
-The accuracy matrix ``R`` (see ``PROTOCOLS.md``) has ``T + 1`` rows and ``T`` columns:
+The accuracy matrix ``R`` (see ``docs/PROTOCOLS.md``) has ``T + 1`` rows and ``T`` columns:
 
 - row 0 is the untrained backbone (zero-shot), row ``i`` (1-based) is the model after
   training task ``i``;
@@ -55,7 +55,7 @@ MACRO_NOTE = (
     "scores on a 0-100 scale"
 )
 
-# The metrics of PROTOCOLS.md, in the order they are reported.
+# The metrics of docs/PROTOCOLS.md, in the order they are reported.
 METRIC_NAMES = (
     "last",
     "avg_incremental",
@@ -241,7 +241,7 @@ def plasticity(R: Any) -> float:
 
 
 def compute_all(R: Any) -> dict:
-    """All metrics of ``PROTOCOLS.md`` for a complete matrix, as a JSON-serialisable dict.
+    """All metrics of ``docs/PROTOCOLS.md`` for a complete matrix, as a JSON-serialisable dict.
 
     Keys: ``num_tasks``, every name in :data:`METRIC_NAMES`, ``bwt_trace_magnitude`` (the
     positive number TRACE reports, ``abs(bwt_trace_clipped)``), ``zero_shot_avg`` (mean of

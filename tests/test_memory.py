@@ -140,7 +140,7 @@ def test_capacity_doubles_instead_of_copying_every_grow():
 
 
 def hand_formula(keys, values, x, topk, tau, delta, scales, eps=1e-12):
-    """METHODS.md's MoRAM formula for one token, in plain Python floats."""
+    """docs/METHODS.md's MoRAM formula for one token, in plain Python floats."""
     p = [sum(a_j * x_j for a_j, x_j in zip(a, x)) for a in keys]
     norm = max(math.sqrt(sum(v * v for v in p)), eps)
     z = [v / norm for v in p]

@@ -1,6 +1,6 @@
 """Metrics of the accuracy matrix, checked against values computed by hand.
 
-Notation in the comments: R[i, j] with 1-based task columns as in PROTOCOLS.md (row 0 =
+Notation in the comments: R[i, j] with 1-based task columns as in docs/PROTOCOLS.md (row 0 =
 zero-shot, row i = after task i). In numpy that is R[i, j - 1].
 """
 import json

@@ -10,7 +10,7 @@ long sequence (15 tasks). Data: the O-LoRA ``CL_Benchmark`` folder from the user
 ``<type>`` is any folder (TC, SC, NLI, ...); task folders are found by name,
 case-insensitively. train.json and test.json are read; dev.json is not used.
 
-Input (PROTOCOLS.md): ``"{instruction}Option: {labels joined by ', '} \\n{sentence}\\nAnswer:"``,
+Input (docs/PROTOCOLS.md): ``"{instruction}Option: {labels joined by ', '} \\n{sentence}\\nAnswer:"``,
 target: the label string; scored by exact match after lower-casing and stripping
 punctuation and extra spaces. The instructions are ours, one per task kind
 (``OLORA_INSTRUCTIONS``), overridable per task with ``stream.instructions``; O-LoRA's own
