@@ -1,0 +1,209 @@
+"""The run directory (issue 17 items 1-5): nothing lost, nothing reported that did not happen.
+
+overwrite=true validates everything before touching the old run and keeps it aside until
+the new one finishes a task; SIGTERM / SIGINT give 143 / 130 with the last finished task's
+checkpoint intact, also while Lightning trains; one writer per run directory (a lock file
+naming its owner, stale locks taken over); a read-only run folder is refused before training.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moram_bench import rundir
+from moram_bench.__main__ import main
+from moram_bench.errors import ConfigError
+
+
+def snapshot(path: Path) -> dict:
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_zeroshot(tiny_overrides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "done"
+    assert main(["fit", *tiny_overrides(out, "method=zeroshot")]) == 0
+    return out
+
+
+# ---- item 1: overwrite ------------------------------------------------------------------------
+@pytest.mark.parametrize("args, fragment", [
+    (["method=moram", "method.targets=[nomatch]"], "nomatch"),
+    (["stream.classes_per_task=100"], "classes"),
+    (["trainer.precision=bogus"], "precision"),
+])
+def test_overwrite_with_a_failing_config_keeps_the_finished_run(tiny_overrides, finished_zeroshot, capsys,
+                                                                args, fragment):
+    before = snapshot(finished_zeroshot)
+    code = main(["fit", *tiny_overrides(finished_zeroshot, "method=zeroshot"), "overwrite=true", *args])
+    assert code == 2
+    assert fragment in one_line_error(capsys)
+    assert snapshot(finished_zeroshot) == before
+
+
+def test_a_replaced_run_is_put_back_when_the_new_one_fails_before_its_first_task(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("matrix.csv", "metrics.json", "run_state.json"):
+        (out / name).write_text(f"old {name}")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events").write_text("old events")
+    before = snapshot(out)
+    with pytest.raises(RuntimeError, match="boom"):
+        with rundir.RunDir(rundir.Plan(out, "replace")):
+            assert (out / ".replaced" / "matrix.csv").read_text() == "old matrix.csv"
+            assert not (out / "matrix.csv").exists()
+            (out / "matrix.csv").write_text("new row 0")  # the new run's row 0, then a failure
+            raise RuntimeError("boom")
+    assert snapshot(out) == before and not (out / ".replaced").exists() and not (out / "run.lock").exists()
+
+    # a replacement killed (-9) before its first task is undone by the next start
+    (out / ".replaced").mkdir()
+    for name in ("matrix.csv", "metrics.json", "run_state.json"):
+        os.replace(out / name, out / ".replaced" / name)
+    (out / "matrix.csv").write_text("row 0 of a killed replacement")
+    with rundir.RunDir(rundir.Plan(out, "new")):
+        pass
+    assert (out / "matrix.csv").read_text() == "old matrix.csv" and not (out / ".replaced").exists()
+
+    # the replaced run goes once the new one has finished a task
+    with rundir.RunDir(rundir.Plan(out, "replace")) as rd:
+        rd.task_done(0)
+        assert (out / ".replaced").is_dir()
+        rd.task_done(1)
+        assert not (out / ".replaced").exists()
+
+
+def test_overwrite_replaces_a_finished_run_and_leaves_nothing_aside(tiny_overrides, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["fit", *tiny_overrides(out, "method=zeroshot")]) == 0
+    assert main(["fit", *tiny_overrides(out, "method=zeroshot"), "overwrite=true"]) == 0
+    assert "kept in .replaced/ until this one finishes its first task" in capsys.readouterr().out
+    assert not (out / ".replaced").exists() and not (out / "run.lock").exists()
+    assert json.loads((out / "run_state.json").read_text())["finished"] is True
+
+
+# ---- item 4: one writer -------------------------------------------------------------------------
+def test_lock_refuses_a_second_writer_and_takes_over_a_stale_lock(tmp_path, capsys):
+    path = tmp_path / "run.lock"
+    with rundir.RunLock(path):
+        owner = json.loads(path.read_text())
+        assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+        with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()} on {socket.gethostname()}"):
+            rundir.RunLock(path).acquire()
+        assert rundir.RunLock(path).live_owner().startswith(f"pid {os.getpid()}")
+    assert not path.exists()  # released on exit
+    # a lock file left by a dead process (kill -9): nobody holds it, it is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert rundir.RunLock(path).live_owner() is None
+    with rundir.RunLock(path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert f"took over the stale lock of pid {int(dead.stdout)}" in capsys.readouterr().out
+
+
+def test_fit_into_a_locked_run_directory_is_refused_with_the_owner(tiny_overrides, finished_zeroshot, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with rundir.RunLock(out / "run.lock"):
+        assert main(["fit", *tiny_overrides(out, "method=zeroshot")]) == 2
+        line = one_line_error(capsys)
+        assert f"is in use by pid {os.getpid()} on {socket.gethostname()}" in line
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
+# ---- item 5: read-only run folder ----------------------------------------------------------------
+def test_resuming_into_a_read_only_run_folder_fails_before_training(tiny_overrides, tmp_path, capsys, monkeypatch):
+    from moram_bench.config import resolve_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = resolve_config(tiny_overrides(out, "method=seq-lora", "method.r=2"))
+    (out / "run_state.json").write_text(json.dumps({"config_hash": rundir.config_hash(cfg), "config": {},
+                                                    "finished": False, "completed_tasks": 1, "num_tasks": 3}))
+    # as root every file is writable: simulate the read-only folder a user meets
+    real_access = os.access
+    monkeypatch.setattr(rundir.os, "access",
+                        lambda p, mode: False if Path(p) == out and mode & os.W_OK else real_access(p, mode))
+    built = []
+    monkeypatch.setattr("moram_bench.runner.build", lambda cfg: built.append(cfg))
+    assert main(["fit", *tiny_overrides(out, "method=seq-lora", "method.r=2")]) == 2
+    assert "is not writable" in one_line_error(capsys) and not built
+
+
+# ---- items 2 and 3: signals (subprocess fits) -------------------------------------------------------
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def fit_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "moram_bench", "fit", "stream=synthetic-tiny", "method=moram", "method.r=2",
+            "stream.iterations=40", f"output_dir={out}", f"cache_dir={out.parent}/cache",
+            "trainer.enable_progress_bar=false", "trainer.num_threads=1", *extra]
+
+
+def start_until_task_2(out: Path) -> subprocess.Popen:
+    """A fit that has finished task 1 and is training task 2."""
+    proc = subprocess.Popen(fit_cmd(out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        if line.startswith("== task 2/3") or time.time() > deadline:
+            break
+    assert proc.poll() is None, "the run ended before task 2"
+    time.sleep(2.0)  # inside Lightning's fit of task 2
+    return proc
+
+
+def check_saved_after_task_1(out: Path) -> None:
+    state = json.loads((out / "run_state.json").read_text())
+    assert state["completed_tasks"] == 1 and state["finished"] is False
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["completed_tasks"] == 1 and ckpt["rows"].shape == (2, 3)
+    assert not (out / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_exits_143_keeps_task_1_and_a_second_writer_is_refused_meanwhile(tmp_path):
+    out = tmp_path / "run"
+    proc = start_until_task_2(out)
+    second = subprocess.run(fit_cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 2, second.stderr
+    assert [line for line in second.stderr.splitlines() if line.strip()] == [
+        line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert f"in use by pid {proc.pid} on {socket.gethostname()}" in second.stderr
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted by SIGTERM; tasks 1-1 of 3 are saved in") and "resume" in last
+    check_saved_after_task_1(out)
+    resumed = subprocess.run(fit_cmd(out), env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout and json.loads((out / "run_state.json").read_text())["finished"] is True
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_lightning_trains_exits_130_and_says_what_was_saved(tmp_path):
+    out = tmp_path / "run"
+    proc = start_until_task_2(out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last == (f"error: interrupted by SIGINT; tasks 1-1 of 3 are saved in {out} (checkpoint.pt); "
+                    "run the same command again to resume")
+    check_saved_after_task_1(out)
