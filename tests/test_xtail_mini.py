@@ -179,9 +179,10 @@ def test_backbone_structure_and_adapter_targets(backbone):
     from moram_bench.adapters.inject import match_linear_names
 
     assert backbone.name == "mini-clip" and backbone.trunk_cacheable
+    assert backbone.info["image_side"] == "tokens" and backbone.info["image_tokens"] == 4
     names = match_linear_names(backbone.model, backbone.info["adapter_targets"])
-    assert len(names) == 38
-    assert "visual.head.proj" in names and "text.proj" in names
+    assert len(names) == 39
+    assert {"visual.head.conv_head", "visual.head.proj", "text.proj"} <= set(names)
     assert "text.transformer.encoder.layer.5.attention.self.query" in names
     assert "text.transformer.encoder.layer.0.output.dense" in names
     assert not any(n.startswith("visual.trunk") for n in names)
@@ -197,13 +198,99 @@ def test_trunk_is_mode_independent_and_padding_trim_is_exact(backbone):
         train_feats = backbone.image_trunk(x)
     finally:
         backbone.model.eval()
-    assert train_feats.shape == (4, 1280)
+    assert train_feats.shape == (4, 4, 320)  # 2 x 2 tokens of the last stage
     assert torch.equal(train_feats, backbone.image_trunk(x))
     texts = ["an emoji of a clock.", "a photo of a T-shirt/top, a type of clothing, on a plain background."]
     full = backbone.tokenizer(texts)
     trimmed = backbone.tokenize(texts)
     assert trimmed.shape[1] < full.shape[1] == 64
     torch.testing.assert_close(backbone.encode_text(full), backbone.encode_text(trimmed), atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_token_head_computes_the_pooled_trunk_features():
+    """TokenTrunk + TokenHead.pooled == EfficientNet's own forward up to its average pool
+    (random weights and BatchNorm statistics, eval mode), and with mean 0 / std 1 the head
+    is the pooled design's head."""
+    from open_clip.timm_model import TimmModel
+
+    from moram_bench.backbones.mini_clip import token_image_side
+
+    torch.manual_seed(0)
+    visual = TimmModel("tf_efficientnet_lite0", 16, image_size=64, pool="avg", proj="linear", proj_bias=True).eval()
+    for m in visual.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.normal_()
+            m.bias.normal_()
+    x = torch.randn(3, 3, 96, 96)
+    trunk, head = token_image_side(visual)
+    tokens = trunk(x)
+    assert tokens.shape == (3, 9, 320)
+    torch.testing.assert_close(head.pooled(tokens), visual.trunk(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head(tokens), visual(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(head.conv_head, torch.nn.Linear) and not head.conv_head.weight.requires_grad
+
+
+def test_image_side_setting_and_cache_keys():
+    from moram_bench.backbones.mini_clip import _settings, cache_key
+
+    tokens = _settings(OmegaConf.create({"backbone": OmegaConf.load(BACKBONE_YAML)}))
+    pooled = _settings(OmegaConf.create({"backbone": {"image_side": "pooled"}}))
+    assert tokens["image_side"] == "tokens" and pooled["image_side"] == "pooled"
+    assert cache_key(tokens) != cache_key(pooled)
+    # the pooled key is the one of the settings before image_side existed (same weights)
+    legacy = {k: v for k, v in pooled.items() if k != "image_side"}
+    assert cache_key(legacy) == cache_key(pooled)
+    with pytest.raises(ValueError, match="image_side must be one of tokens, pooled"):
+        _settings(OmegaConf.create({"backbone": {"image_side": "patches"}}))
+
+
+@torch.no_grad()
+def test_adapted_image_layers_read_inputs_of_both_signs(backbone, stream):
+    """The invariant of the tokens design: no adapted image-side layer reads inputs of one
+    sign. conv_head reads the cached trunk tokens, proj the standardised pooled features:
+    over real images of every domain, their per-channel means take both signs. (The pooled
+    design's proj read the ReLU6 features, all >= 0.)"""
+    from moram_bench.adapters.inject import match_linear_names
+
+    head = backbone.model.visual.head
+    idx = {t.name: np.arange(len(t.test))[:: max(1, len(t.test) // 40)] for t in stream.tasks}
+    pixels = torch.stack([backbone.preprocess(t.test[int(j)]["image"]) for t in stream.tasks for j in idx[t.name]])
+    tokens = backbone.image_trunk(pixels)                  # what the feature cache holds
+    pooled = head.pooled(tokens)
+    proj_in = head.standardise(pooled)
+    assert bool((pooled >= 0).all())                       # the pooled design's proj input
+    image_layers = [n for n in match_linear_names(backbone.model, backbone.info["adapter_targets"])
+                    if n.startswith("visual.")]
+    assert sorted(image_layers) == ["visual.head.conv_head", "visual.head.proj"]
+    for name, x in (("conv_head", tokens.reshape(-1, tokens.shape[-1])), ("proj", proj_in)):
+        positive = float((x.mean(0) > 0).float().mean())
+        assert 0.2 < positive < 0.8, (name, positive)
+        # the shared mean direction carries a minority of the inputs' energy (pooled: ~all)
+        assert float(x.mean(0).pow(2).sum() / x.pow(2).sum(1).mean()) < 0.5, name
+
+
+def test_adapters_inject_into_the_token_head_through_the_one_path(backbone):
+    """MoRAM's memory on the declared targets: conv_head gets a memory that reads every
+    token, and a backward pass from the image embedding reaches its current atoms."""
+    import copy
+
+    from moram_bench.adapters.inject import inject_adapters
+    from moram_bench.memory import RankOneMemory
+
+    model = copy.deepcopy(backbone.model)
+    wrapped = inject_adapters(model, backbone.info["adapter_targets"],
+                              lambda name, lin: RankOneMemory(lin.in_features, lin.out_features, topk=4))
+    assert "visual.head.conv_head" in wrapped
+    for w in wrapped.values():
+        w.adapter.grow(4)
+        torch.nn.init.normal_(w.adapter.values)
+    tokens = torch.randn(2, 4, 320)
+    model.visual.head(tokens).sum().backward()
+    mem = wrapped["visual.head.conv_head"].adapter
+    assert mem.keys.grad is not None and mem.keys.grad.abs().sum() > 0
 
 
 @torch.no_grad()

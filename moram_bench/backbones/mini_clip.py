@@ -11,27 +11,44 @@ them into an open_clip ``CustomTextCLIP`` and aligns them once, LiT style:
    (mean pooler, linear projection), projections randomly initialised (seeded);
 2. graft the EfficientNet-Lite0 ImageNet weights into the timm trunk (the package's
    tensors are in the same order as timm's; every shape is checked);
-3. align: with both towers frozen, cache the trunk's pooled image features and the text
-   tower's pooled outputs of the committed alignment set (``data/xtail_mini/align.npz``:
-   emoji and clip art disjoint from the ``xtail-mini`` stream), then train only the two
-   projections and the logit scale with the symmetric CLIP loss on the cached features
-   (grey copies of the images are added as a second view: the stream has grey domains).
-   20 % of the pairs are held out to choose the number of steps (it overfits early); the
-   final model is retrained on all pairs for that many steps;
+3. align (``mini_clip_align.py``): with both towers frozen, cache the pooled image features
+   and the text tower's pooled outputs of the committed alignment set
+   (``data/xtail_mini/align.npz``: emoji and clip art disjoint from the ``xtail-mini``
+   stream; grey copies of the images are added as a second view, the stream has grey
+   domains), then train only the two projections and the logit scale with the symmetric
+   CLIP loss on the cached features, the number of steps chosen on 20 % held-out pairs;
 4. save the result ONCE into ``<cache>/mini-clip/<key>/`` in open_clip's local-dir
    format (written to a temporary folder and renamed, so a killed build never leaves a
    broken cache); ``key`` hashes the settings that determine the weights and the code
    version. Later calls load it in a few seconds.
 
-The returned ``ClipBackbone`` splits the image tower into the frozen EfficientNet trunk
-(pooled features; BatchNorm frozen so train/eval mode give identical features, hence
-cacheable) and the projection head. The text tower runs without dropout (like CLIP's),
-and its padding can be trimmed exactly (masked mean pooling), so ``pad_id`` is set.
+The image side, ``backbone.image_side`` (the returned ``ClipBackbone`` splits the image
+tower into a frozen, cacheable trunk and a head that holds the adapted layers):
+
+- ``tokens`` (default): the trunk stops after EfficientNet's last stage and returns its
+  feature map as tokens, (B, h*w, 320) (2 x 2 = 4 tokens at 64 px; ``image_size`` 96 gives
+  9), the output of a linear bottleneck (BatchNorm, no activation), signed and roughly
+  centred per channel, as a ViT's LayerNorm'd tokens are. The head applies the 1 x 1
+  ``conv_head`` (320 -> 1280) token-wise as the ``nn.Linear`` it is (adapter target
+  ``visual.head.conv_head``), its frozen BatchNorm and ReLU6, the average over tokens, a
+  standardisation with the alignment set's per-channel mean/std (fixed buffers), and the
+  projection ``visual.head.proj``, which thus reads centred features too.
+- ``pooled`` (the design of the first leaderboard, kept to reproduce its runs bit for
+  bit; same cache key as then): the trunk is the whole EfficientNet with its average pool,
+  and the only image-side adapted layer, ``visual.head.proj``, reads the pooled features
+  after ReLU6, all non-negative, so every adapter key's projection shares one dominant
+  mean direction.
+
+BatchNorm is frozen, so train/eval mode give identical trunk features (hence cacheable).
+The text tower runs without dropout (like CLIP's), and its padding can be trimmed exactly
+(masked mean pooling), so ``pad_id`` is set.
 
 Adapter targets (``info["adapter_targets"]``; ``backbone.adapter_targets`` overrides):
 the 36 linears of MiniLM's six layers (``attention.self.query/key/value``,
 ``attention.output.dense``, ``intermediate.dense``, ``output.dense``), the text
-projection ``text.proj`` and the image projection ``visual.head.proj``.
+projection ``text.proj``, the image projection ``visual.head.proj`` and, in the tokens
+design, ``visual.head.conv_head``. Transformer blocks (``info["adapter_blocks"]``, for
+block-level adapters): the six MiniLM layers only; the image tower has none.
 """
 from __future__ import annotations
 
@@ -45,21 +62,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..logs import drop_log_messages, quiet_transformers
 from ..registry import register_backbone
 from .clip import ClipBackbone
+from .mini_clip_tokens import STANDARDISE_FILE, standardisation, token_image_side
+from .mini_clip_align import DEFAULT_ALIGN_DATA, align, grey_copies, image_features, load_alignment_set, text_pooled, trim_padding
 
-# bump when a change here changes the weights a build produces
-CODE_VERSION = "mini-clip-2"
+# bump when a change here changes the weights a build produces (one per image-side design:
+# the pooled design's key is the one its committed runs were made with)
+CODE_VERSION = {"pooled": "mini-clip-2", "tokens": "mini-clip-tokens-1"}
+IMAGE_SIDES = ("tokens", "pooled")
 TIMM_MODEL = "tf_efficientnet_lite0"
 IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)  # EfficientNet-Lite's TF-style normalisation
-DEFAULT_ALIGN_DATA = Path(__file__).resolve().parents[2] / "data" / "xtail_mini" / "align.npz"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 WEIGHTS_FILE = "open_clip_model.safetensors"
 BUILD_INFO_FILE = "mini_clip_build.json"
@@ -71,9 +89,19 @@ ADAPTER_TARGETS = (
     r"(^|\.)text\.proj$",
     r"(^|\.)visual\.head\.proj$",
 )
+# tokens design: the 1x1 conv_head, applied token-wise as the Linear it is
+TOKEN_TARGETS = ADAPTER_TARGETS + (r"(^|\.)visual\.head\.conv_head$",)
+# transformer blocks for block-level adapters (MoE-Adapters4CL; moram_bench/adapters/inject.py):
+# MiniLM's six post-LN BERT layers; the adapter reads the attention output (the input of
+# ``intermediate``) and adds beside the MLP (to the output of ``output.dense``). The image
+# tower is a CNN: it has no transformer blocks.
+ADAPTER_BLOCKS = (
+    {"pattern": r"(^|\.)text\.transformer\.encoder\.layer\.\d+$", "read": "intermediate", "write": "output.dense"},
+)
 
 # settings that decide the weights (everything else, e.g. cache_dir, does not)
 DEFAULTS: dict[str, Any] = {
+    "image_side": "tokens",    # tokens | pooled (what the image-side adapters read; module docstring)
     "image_size": 64,
     "embed_dim": 256,
     "context_length": 64,
@@ -101,7 +129,7 @@ def _settings(cfg) -> dict[str, Any]:
     b = OmegaConf.select(cfg, "backbone", default=None)
     b = OmegaConf.to_container(b, resolve=True) if isinstance(b, DictConfig) else {}
     out = json.loads(json.dumps(DEFAULTS))
-    for key in ("image_size", "embed_dim", "context_length", "init_seed", "image_proj_bias"):
+    for key in ("image_side", "image_size", "embed_dim", "context_length", "init_seed", "image_proj_bias"):
         if b.get(key) is not None:
             out[key] = b[key]
     for key, value in (b.get("align") or {}).items():
@@ -109,6 +137,9 @@ def _settings(cfg) -> dict[str, Any]:
             raise ValueError(f"backbone mini-clip: unknown align setting {key!r}; known: {sorted(out['align'])}")
         if value is not None:
             out["align"][key] = value
+    if out["image_side"] not in IMAGE_SIDES:
+        raise ValueError(f"backbone mini-clip: image_side must be one of {', '.join(IMAGE_SIDES)}, "
+                         f"got {out['image_side']!r}")
     return out
 
 
@@ -151,9 +182,11 @@ def cache_key(settings: dict[str, Any]) -> str:
     if not data.is_file():
         raise FileNotFoundError(f"backbone mini-clip: alignment data not found: {data}")
     effnet, minilm = efficientnet_weights_path(), minilm_path() / "model.safetensors"
+    side = settings.get("image_side", "pooled")
+    kept = {k: v for k, v in settings.items() if k != "image_side" or side != "pooled"}
     desc = {
-        "code": CODE_VERSION,
-        "settings": {**settings, "align": {**settings["align"], "data": None}},
+        "code": CODE_VERSION[side],
+        "settings": {**kept, "align": {**settings["align"], "data": None}},
         "align_data": _file_digest(data),
         "efficientnet": [effnet.name, effnet.stat().st_size],
         "minilm": [minilm.stat().st_size],
@@ -191,30 +224,6 @@ def preprocess_config(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------
-def load_alignment_set(path: str | os.PathLike | None = None) -> tuple[np.ndarray, list[str], list[str]]:
-    """The alignment pairs: RGB images (N, H, W, 3) uint8, captions and sources.
-
-    ``align.npz`` stores the images palette-encoded (``indices`` into per-image
-    ``palettes``); plain ``images`` arrays are accepted too."""
-    path = Path(path or DEFAULT_ALIGN_DATA)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone mini-clip: alignment data not found: {path}")
-    with np.load(path, allow_pickle=False) as z:
-        if "images" in z.files:
-            images = z["images"]
-        else:
-            idx, pal = z["indices"], z["palettes"]
-            images = pal[np.arange(len(idx))[:, None, None], idx]
-        captions = [str(c) for c in z["captions"]]
-        sources = [str(s) for s in z["sources"]] if "sources" in z.files else [""] * len(captions)
-    if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(captions):
-        raise ValueError(f"backbone mini-clip: malformed alignment data {path}: {images.shape}, {len(captions)} captions")
-    return images, captions, sources
-
-
-# ---------------------------------------------------------------------------------------
 # building blocks
 # ---------------------------------------------------------------------------------------
 def graft_efficientnet(trunk: nn.Module, weights: Path | None = None) -> int:
@@ -239,116 +248,6 @@ def graft_efficientnet(trunk: nn.Module, weights: Path | None = None) -> int:
     return len(new)
 
 
-def pixels(images: np.ndarray, preprocess: Callable) -> torch.Tensor:
-    from PIL import Image
-
-    return torch.stack([preprocess(Image.fromarray(x).convert("RGB")) for x in images])
-
-
-@torch.no_grad()
-def trunk_features(model: nn.Module, images: np.ndarray, preprocess: Callable, batch_size: int = 128) -> torch.Tensor:
-    """Pooled features of the frozen image trunk (eval mode), (N, 1280)."""
-    trunk = model.visual.trunk
-    was_training = trunk.training
-    trunk.eval()
-    out = [trunk(pixels(images[i:i + batch_size], preprocess)) for i in range(0, len(images), batch_size)]
-    trunk.train(was_training)
-    return torch.cat(out).float()
-
-
-@torch.no_grad()
-def text_pooled(model: nn.Module, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Mean-pooled outputs of the frozen text transformer (before the projection)."""
-    text = model.text
-    was_training = text.training
-    text.eval()
-    out = []
-    for i in range(0, len(tokens), batch_size):
-        x = tokens[i:i + batch_size]
-        mask = (x != text.config.pad_token_id).long()
-        out.append(text.pooler(text.transformer(input_ids=x, attention_mask=mask), mask))
-    text.train(was_training)
-    return torch.cat(out).float()
-
-
-def trim_padding(tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
-    keep = (tokens != pad_id).any(0)
-    last = int(keep.nonzero().max()) + 1 if keep.any() else 1
-    return tokens[:, :last]
-
-
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, caption_ids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric CLIP loss; pairs that share a caption are positives of each other (soft
-    targets spread evenly over them), so repeated clip-art categories are no false negatives."""
-    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
-    logits = scale * img @ txt.t()
-    same = (caption_ids[:, None] == caption_ids[None, :]).float()
-    target = same / same.sum(1, keepdim=True)
-    loss_i = -(target * logits.log_softmax(1)).sum(1).mean()
-    loss_t = -(target * logits.t().log_softmax(1)).sum(1).mean()
-    return (loss_i + loss_t) / 2
-
-
-@torch.no_grad()
-def retrieval(img_proj: torch.Tensor, cap_proj: torch.Tensor, caption_ids: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
-    """Image -> caption retrieval among ``cap_proj`` (all distinct captions): top-k (%)."""
-    sims = F.normalize(img_proj, dim=-1) @ F.normalize(cap_proj, dim=-1).t()
-    rank = (sims > sims.gather(1, caption_ids[:, None])).sum(1)  # 0 = best
-    return {f"top{k}": float((rank < k).float().mean() * 100) for k in ks}
-
-
-def align_projections(model: nn.Module, img_feats: torch.Tensor, cap_feats: torch.Tensor,
-                      caption_ids: torch.Tensor, a: dict[str, Any], steps: int,
-                      eval_idx: torch.Tensor | None = None, num_pairs: int | None = None,
-                      on_eval: Callable[[int, dict], None] | None = None) -> list[tuple[int, dict]]:
-    """Train ``visual.head.proj``, ``text.proj`` and ``logit_scale`` on cached features.
-
-    ``img_feats`` (N, 1280) are trunk features, ``cap_feats`` (C, 384) the pooled text
-    features of the C distinct captions, ``caption_ids`` (N,) the caption of each image.
-    ``img_feats`` may stack several views of the N pairs (row ``v * N + i`` is view v of
-    pair i; view 0 is the original image). Trains on every view of the pairs not in
-    ``eval_idx``; when ``eval_idx`` is given, evaluates retrieval of their original images
-    among all C captions every ``eval_every`` steps (calling ``on_eval(step, metrics)``) and
-    returns the history [(step, metrics)]."""
-    vproj, tproj = model.visual.head.proj, model.text.proj
-    n_pairs = len(caption_ids) if num_pairs is None else num_pairs
-    train_idx = torch.arange(len(img_feats))
-    if eval_idx is not None:
-        train_idx = train_idx[~torch.isin(train_idx % n_pairs, eval_idx)]
-    decay = [vproj.weight, tproj.weight]
-    no_decay = [model.logit_scale] + ([vproj.bias] if vproj.bias is not None else [])
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(a["weight_decay"])},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=float(a["lr"]))
-    gen = torch.Generator().manual_seed(int(a["seed"]))
-    bs = min(int(a["batch_size"]), len(train_idx))
-    history, order, pos = [], torch.empty(0, dtype=torch.long), 0
-
-    def evaluate(step):
-        with torch.no_grad():
-            m = retrieval(vproj(img_feats[eval_idx]), tproj(cap_feats), caption_ids[eval_idx])
-        history.append((step, m))
-        if on_eval is not None:
-            on_eval(step, m)
-
-    if eval_idx is not None:
-        evaluate(0)
-    for step in range(1, steps + 1):
-        if pos + bs > len(order):
-            order, pos = train_idx[torch.randperm(len(train_idx), generator=gen)], 0
-        batch = order[pos:pos + bs]
-        pos += bs
-        loss = clip_loss(vproj(img_feats[batch]), tproj(cap_feats[caption_ids[batch]]), caption_ids[batch],
-                         model.logit_scale.exp())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, float(np.log(100)))
-        if eval_idx is not None and (step % int(a["eval_every"]) == 0 or step == steps):
-            evaluate(step)
-    return history
-
-
 # ---------------------------------------------------------------------------------------
 # build / load
 # ---------------------------------------------------------------------------------------
@@ -359,18 +258,6 @@ def _quiet_loading():
     (MiniLM's unused pooler) and its weight-loading progress bar."""
     with quiet_transformers(), drop_log_messages("no CLIP weights found", "initialized partially"):
         yield
-
-
-class _single_thread:
-    """Run a block with one torch thread: the projection training consists of tiny ops, for
-    which extra threads only add synchronisation (5x slower on a busy 2-core machine)."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
 
 
 def _write_local_dir(folder: Path, settings: dict[str, Any], text_dir: Path) -> None:
@@ -396,10 +283,15 @@ def _seeded_create(model_name: str, seed: int):
 
 
 def build_aligned(settings: dict[str, Any], final_dir: Path, log: Callable = print) -> dict[str, Any]:
-    """Build, graft, align and save the model into ``final_dir`` (atomically)."""
+    """Build, graft, align and save the model into ``final_dir`` (atomically).
+
+    Pooled design: the image projection reads the trunk's pooled (ReLU6, non-negative)
+    features as they are. Tokens design: it reads them standardised with the alignment
+    set's per-channel mean/std (saved next to the weights, ``STANDARDISE_FILE``)."""
     from safetensors.torch import save_file
 
     a = settings["align"]
+    tokens = settings["image_side"] == "tokens"
     t_start = time.time()
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     for old in final_dir.parent.glob(f".{final_dir.name}.tmp-*"):  # left by killed builds
@@ -416,7 +308,8 @@ def build_aligned(settings: dict[str, Any], final_dir: Path, log: Callable = pri
         log(f"mini-clip: built {TIMM_MODEL} + all-MiniLM-L6-v2 ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
             f"params, {n} EfficientNet tensors grafted)")
 
-        # 2. cached frozen features of the alignment set
+        # 2. cached frozen features of the alignment set (the trunk's pooled features;
+        #    in the tokens design computed through the token trunk and head)
         import open_clip
 
         t0 = time.time()
@@ -426,59 +319,38 @@ def build_aligned(settings: dict[str, Any], final_dir: Path, log: Callable = pri
         cap_index = {c: i for i, c in enumerate(distinct)}
         caption_ids = torch.tensor([cap_index[c] for c in captions])
         pad_id = int(model.text.config.pad_token_id)
-        cap_feats = text_pooled(model, trim_padding(tokenizer(distinct), pad_id))
-        img_feats = trunk_features(model, images, preprocess)
+        cap_feats = text_pooled(model.text, trim_padding(tokenizer(distinct), pad_id))
+        if tokens:
+            trunk, head = token_image_side(model.visual)
+            encode = lambda x: head.pooled(trunk(x))  # noqa: E731
+        else:
+            encode = model.visual.trunk
+        img_feats = image_features(encode, images, preprocess)
         n_pairs = len(images)
         if a["gray_views"]:
-            luma = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-            grey = luma.round().clip(0, 255).astype(np.uint8)[..., None].repeat(3, -1)
-            img_feats = torch.cat([img_feats, trunk_features(model, grey, preprocess)])
+            img_feats = torch.cat([img_feats, image_features(encode, grey_copies(images), preprocess)])
             caption_ids = caption_ids.repeat(2)
+        stats = None
+        if tokens:
+            stats = standardisation(img_feats)
+            img_feats = (img_feats - stats[0]) / stats[1]
         t_feats = time.time() - t0
         log(f"mini-clip: cached features of {len(img_feats)} images and {len(distinct)} captions in {t_feats:.1f}s")
 
         # 3. choose the number of steps on a held-out 20 %, then retrain on everything
-        init_state = {k: v.clone() for k, v in model.state_dict().items()}
-        gen = torch.Generator().manual_seed(int(a["seed"]) + 1)
-        n_eval = int(round(float(a["holdout"]) * n_pairs))
-        eval_idx = torch.sort(torch.randperm(n_pairs, generator=gen)[:n_eval]).values
-        t0 = time.time()
-        is_emoji = torch.tensor([s.startswith("emoji:") for s in sources])
-        best_seen = {"score": -1.0, "parts": {}}
-
-        def breakdown(step, m):  # retrieval per source at the best step so far
-            if m["top1"] + m["top5"] > best_seen["score"]:
-                vp, tp = model.visual.head.proj, model.text.proj
-                with torch.no_grad():
-                    best_seen["parts"] = {
-                        part: retrieval(vp(img_feats[idx]), tp(cap_feats), caption_ids[idx])
-                        for part, idx in (("emoji", eval_idx[is_emoji[eval_idx]]),
-                                          ("clipart", eval_idx[~is_emoji[eval_idx]])) if len(idx)}
-                best_seen["score"] = m["top1"] + m["top5"]
-
-        with _single_thread():
-            history = align_projections(model, img_feats, cap_feats, caption_ids, a, int(a["max_steps"]),
-                                        eval_idx, n_pairs, on_eval=breakdown)
-        best_step, best = max(history, key=lambda h: (h[1]["top1"] + h[1]["top5"], -h[0]))
-        parts = best_seen["parts"]
-        log(f"mini-clip: held-out ({n_eval} pairs) image->caption retrieval among {len(distinct)} captions: "
-            f"top-1 {best['top1']:.1f}%, top-5 {best['top5']:.1f}% at step {best_step} "
-            f"(step 0: top-1 {history[0][1]['top1']:.1f}%; last: top-1 {history[-1][1]['top1']:.1f}%)")
-        model.load_state_dict(init_state)
-        with _single_thread():
-            align_projections(model, img_feats, cap_feats, caption_ids, a, best_step, None, n_pairs)
-        t_align = time.time() - t0
-        log(f"mini-clip: aligned on all {n_pairs} pairs for {best_step} steps ({t_align:.1f}s in total)")
+        record = align(model.visual.head.proj, model.text.proj, model.logit_scale, img_feats, cap_feats,
+                       caption_ids, sources, n_pairs, a, log=log)
+        t_align = record.pop("seconds")
 
         # 4. save: weights + config whose text tower is the saved folder itself
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(staging / WEIGHTS_FILE))
+        if stats is not None:
+            save_file({"mean": stats[0].contiguous(), "std": stats[1].contiguous()}, str(staging / STANDARDISE_FILE))
         _write_local_dir(staging, settings, text_dir=final_dir)
         build = {
-            "cache_key": final_dir.name, "code_version": CODE_VERSION, "settings": settings,
-            "alignment": {"pairs": n_pairs, "views": len(img_feats) // n_pairs, "distinct_captions": len(distinct),
-                          "holdout_pairs": n_eval, "chosen_steps": best_step, "holdout_retrieval": best, "holdout_by_source": parts,
-                          "holdout_history": history},
+            "cache_key": final_dir.name, "code_version": CODE_VERSION[settings["image_side"]], "settings": settings,
+            "alignment": record,
             "seconds": {"features": round(t_feats, 1), "alignment": round(t_align, 1),
                         "total": round(time.time() - t_start, 1)},
             "torch": torch.__version__, "open_clip": open_clip.__version__,
@@ -495,7 +367,6 @@ def build_aligned(settings: dict[str, Any], final_dir: Path, log: Callable = pri
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
 
 def _fix_moved_cache(folder: Path) -> None:
     """The saved config names its own folder as text tower; repair it if the cache moved."""
@@ -518,6 +389,7 @@ def load_cached(folder: Path):
     model, _, preprocess = _seeded_create(f"local-dir:{folder}", 0)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     return model, preprocess, tokenizer
+
 
 def load_or_build(settings: dict[str, Any], folder: Path, log: Callable = print):
     """``load_cached``, building the cache first when absent. A cache that cannot be read
@@ -553,7 +425,6 @@ def load_or_build(settings: dict[str, Any], folder: Path, log: Callable = print)
             built = True
 
 
-
 def _freeze_trunk_batchnorm(model: nn.Module) -> None:
     """Replace the trunk's BatchNorm layers by frozen ones: the trunk then computes the same
     features in train and eval mode (a Lightning ``.train()`` must not switch it to batch
@@ -575,22 +446,36 @@ def build_mini_clip(cfg) -> ClipBackbone:
     t0 = time.time()
     model, preprocess, tokenizer, built = load_or_build(settings, folder, log=lambda m: print(m, flush=True))
     _freeze_trunk_batchnorm(model)
+    side = settings["image_side"]
+    if side == "tokens":
+        from safetensors.torch import load_file
+
+        path = folder / STANDARDISE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"backbone mini-clip: {path} is missing (delete {folder} to rebuild)")
+        stats = load_file(str(path))
+        model.visual.trunk, model.visual.head = token_image_side(model.visual, stats["mean"], stats["std"])
     model.eval()
     build_info = {}
     if (folder / BUILD_INFO_FILE).is_file():
         build_info = json.loads((folder / BUILD_INFO_FILE).read_text())
     custom = OmegaConf.select(cfg, "backbone.adapter_targets", default=None)
-    targets = [str(p) for p in custom] if custom is not None else list(ADAPTER_TARGETS)
+    default_targets = TOKEN_TARGETS if side == "tokens" else ADAPTER_TARGETS
+    targets = [str(p) for p in custom] if custom is not None else list(default_targets)
     pad_id = int(model.text.config.pad_token_id)
+    size = int(settings["image_size"])
     info = {
         "arch": f"{TIMM_MODEL} + all-MiniLM-L6-v2 (open_clip CustomTextCLIP)",
         "pretrained": "ImageNet-1k EfficientNet-Lite0 + all-MiniLM-L6-v2, LiT-aligned projections",
         "weights": str(folder),
         "weights_id": key,
+        "image_side": side,
+        "image_tokens": (-(-size // 32)) ** 2 if side == "tokens" else 1,
         "embed_dim": int(settings["embed_dim"]),
-        "image_size": int(settings["image_size"]),
+        "image_size": size,
         "context_length": int(settings["context_length"]),
         "adapter_targets": targets,
+        "adapter_blocks": [dict(b) for b in ADAPTER_BLOCKS],
         "num_params": sum(p.numel() for p in model.parameters()),
         "alignment": {k: build_info.get("alignment", {}).get(k) for k in
                       ("pairs", "distinct_captions", "holdout_pairs", "chosen_steps", "holdout_retrieval",
