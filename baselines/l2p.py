@@ -4,17 +4,22 @@ A pool of ``pool_size`` prompts (``prompt_length`` tokens each) with learnable k
 U(-1, 1) (moram_bench/adapters/prompts.py). For every image, the query is the frozen,
 UN-prompted backbone's own pooled image feature; the ``top_n`` keys with the highest cosine
 are selected PER SAMPLE and their prompts are prepended; the loss is the CLIP task loss
-minus ``pull_lambda`` times the mean cosine of the selected keys (the pull constraint,
-which trains the keys). Only prompts and keys train; class scores come from the text
-tower (no linear head), all classes of the label space at test time: no task id. Prompts
+minus ``pull_lambda`` (0.1, the official CIFAR-100 setting) times the SUM of the selected
+keys' cosines averaged over the batch (the pull constraint of the official code, which
+trains the keys). Only prompts and keys train; class scores come from the text tower (no
+linear head), all classes of the label space at test time: no task id. The image side is
+read at [CLS] (CLIP's pooled output), not at the average of the prompt tokens' outputs as
+L2P's linear classifier does: CLIP's class scores live in its [CLS] projection. Prompts
 apply from the first task on, so row 0 of the accuracy matrix is the plain backbone (an
-untrained pool of U(-1, 1) prompts is no zero-shot model).
+untrained pool of U(-1, 1) prompts is no zero-shot model). Fidelity, point by point:
+docs/FIDELITY.md (L2P).
 
 Placement (``placement: auto``), the most faithful one the backbone allows:
 
 - ``image`` (open_clip ViT image tower, e.g. tiny-clip): as in the paper, the prompts are
-  prepended to the vision transformer's input after [CLS] (no positional embedding for the
-  prompts); the query is the frozen tower's image feature (pooled [CLS], projected).
+  inserted into the vision transformer's input after [CLS], each with [CLS]'s position
+  embedding (``prompt_cls_position``); the query is the frozen tower's image feature
+  (pooled [CLS], projected).
   Cost: one extra un-prompted image forward per batch (the query), as in L2P.
 - ``text`` (the image tower is not a transformer, e.g. mini-clip's EfficientNet): the
   prompts go on the TEXT tower, selected by image-feature keys (query: the pooled CNN trunk
@@ -28,15 +33,19 @@ Placement (``placement: auto``), the most faithful one the backbone allows:
   whole label space at test time (in chunks of ``text_chunk`` sequences). This grouping is
   exact: nothing is shared across images that selected different prompts. A batch-level
   union of prompts is NOT used (it would leak across samples). This text-side design is
-  AttriCLIP's (Wang et al., CVPR 2023), with L2P's pool, selection and pull loss.
+  AttriCLIP's (Wang et al., CVPR 2023), with L2P's pool, selection and pull loss; its
+  leaderboard row is named ``l2p (text prompts)`` (``display_name`` in metrics.json).
+  With ``prompt_cls_position`` the prompts take [CLS]'s position in the text tower.
 
 Switches (conf/method/l2p.yaml):
 - ``batch_voting`` (default false): the official code gives the whole batch the ``top_n``
   prompts chosen most often in the batch, at test time too; that leaks task identity when a
   test batch holds one task. Recorded in metrics.json (method_settings).
-- ``pull_sum_over_selected`` (default false): the paper's "mean selected cosine"; true sums
-  over the ``top_n`` selected keys (averaged over the batch) as the official code does,
-  a ``top_n`` times stronger pull.
+- ``pull_sum_over_selected`` (default true, the official code): the pull term sums the
+  ``top_n`` selected cosines per sample and averages over the batch; false takes their
+  mean (``top_n`` times weaker; this project's earlier default).
+- ``prompt_cls_position`` (default true, the official code): prompts get the position
+  embedding of [CLS]; false: none (image placement) / positions after [CLS] (text).
 
 Optimiser: L2P's own (Adam, constant lr 0.03 * batch / 256, grad clip 1.0): its U(-1, 1)
 prompts and keys barely move at the shared 5e-4. The default ``lr`` 0.00375 is that rule
@@ -104,7 +113,8 @@ class PromptedClipProtocol(ClipProtocol):
         for s in range(0, u * c, chunk):
             cr, sr = cls[s:s + chunk], sets[s:s + chunk]
             width = int(lengths[cr].max())
-            out.append(encode_hf_text_with_prompts(text, tokens[cr, :width], prompts[sr]))
+            out.append(encode_hf_text_with_prompts(text, tokens[cr, :width], prompts[sr],
+                                                   cls_position=bool(self.m.hp.prompt_cls_position)))
         emb = torch.cat(out)[(sets * c + cls).argsort()]         # back to (set, class) order
         return F.normalize(emb, dim=-1).view(u, c, -1), inv
 
@@ -116,18 +126,21 @@ class PromptedClipProtocol(ClipProtocol):
         return torch.einsum("be,bce->bc", img, text[inv]), img
 
     @staticmethod
-    def clip_loss_from_logits(logits: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-        """``ClipProtocol.loss``'s objective from per-sample logits (B_local, C_t): mean
-        over the GLOBAL batch of image->text CE plus text->image CE, where the text side
-        scores sample i's class against every image j of the global batch by image j's
-        OWN logit for that class. Under DDP the logits are gathered with autograd and each
-        rank returns ``world * (its rows' sum) / global_batch`` (as ``ClipProtocol.loss``)."""
+    def clip_loss_from_logits(logits: torch.Tensor, local: torch.Tensor, text_divisor: int | None = None) -> torch.Tensor:
+        """``ClipProtocol.loss``'s objective from per-sample logits (B_local, C_t): image->text
+        CE averaged over the GLOBAL batch plus the text->image CE terms summed and divided
+        by ``text_divisor`` (``ClipProtocol``'s: the classes seen so far by default; None:
+        the global batch), where the text side scores sample i's class against every image
+        j of the global batch by image j's OWN logit for that class. Under DDP the logits
+        are gathered with autograd and each rank returns ``world * (its share)``, as
+        ``ClipProtocol.loss``."""
         all_logits, offset, world = gather_with_grad(logits)
+        n_global = all_logits.shape[0]
         ce_img = F.cross_entropy(logits, local, reduction="sum")
         txt_logits = all_logits[:, local].t()                    # (B_local, B_global)
         targets = torch.arange(len(local), device=logits.device) + offset
         ce_txt = F.cross_entropy(txt_logits, targets, reduction="sum")
-        return world * (ce_img + ce_txt) / all_logits.shape[0]
+        return world * (ce_img / n_global + ce_txt / (text_divisor or n_global))
 
     # ---- protocol ---------------------------------------------------------------------------
     def loss(self, batch: dict, task: int):
@@ -143,7 +156,8 @@ class PromptedClipProtocol(ClipProtocol):
             tokens = self.backbone.tokenize(t.prompts()).to(self.m.device)
             cos, img = self._text_logits(batch, sel, tokens)
             logits = self.logit_scale() * cos                     # (B_local, C_t)
-            loss = self.clip_loss_from_logits(logits, local)
+            divisor = self.seen_classes(task) if self.text_norm == "classes" else None
+            loss = self.clip_loss_from_logits(logits, local, divisor)
             out = {"image_emb": img, "logits": logits}
         out["prompt_sim"] = sel.sim
         return loss, out
@@ -210,7 +224,7 @@ class L2P(ContinualModule):
         self.placement = self._choose_placement()
         model = self.backbone.model
         if self.placement == "image":
-            self.vision_hook = VisionPromptHook(model.visual)
+            self.vision_hook = VisionPromptHook(model.visual, cls_position=bool(h.prompt_cls_position))
             dim = self.vision_hook.width
         else:
             self.vision_hook = None
@@ -285,7 +299,8 @@ class L2P(ContinualModule):
         return bb.encode_image(x)  # the hook is inactive outside ``prompts()``
 
     def query(self, batch: dict) -> torch.Tensor:
-        return self._frozen_query(batch["x"], bool(batch.get("is_feature", False))).float()
+        q = self._frozen_query(batch["x"], bool(batch.get("is_feature", False)))
+        return (q.mean(1) if q.dim() == 3 else q).float()  # a token trunk (mini-clip tokens): mean token
 
     def select(self, batch: dict) -> Selection:
         return self.pool.select(self.query(batch), int(self.hp.top_n), batch_voting=bool(self.hp.batch_voting))
@@ -300,6 +315,10 @@ class L2P(ContinualModule):
 
     def extra_metrics(self) -> dict:
         h = self.hp
-        return {"placement": self.placement, "batch_voting": bool(h.batch_voting), "pool_size": int(h.pool_size),
-                "prompt_length": int(h.prompt_length), "top_n": int(h.top_n), "pull_lambda": float(h.pull_lambda),
-                "pull_sum_over_selected": bool(h.pull_sum_over_selected), "prompt_order": "pool index"}
+        # the leaderboard row name: on a CNN image tower this is a text-prompt variant
+        name = "l2p (text prompts)" if self.placement == "text" else "l2p"
+        return {"display_name": name, "placement": self.placement, "batch_voting": bool(h.batch_voting),
+                "pool_size": int(h.pool_size), "prompt_length": int(h.prompt_length), "top_n": int(h.top_n),
+                "pull_lambda": float(h.pull_lambda), "pull_sum_over_selected": bool(h.pull_sum_over_selected),
+                "prompt_cls_position": bool(h.prompt_cls_position), "prompt_order": "pool index",
+                "image_readout": "[CLS]" if self.placement != "llm" else None}
