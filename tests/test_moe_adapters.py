@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_overrides
 from moram_bench import registry
 from moram_bench.adapters.inject import AdaptedBlock, adapted_modules, inject_block_adapters
 from moram_bench.config import resolve_config
@@ -335,8 +334,9 @@ def test_fit_synthetic_tiny_with_routing_report(tmp_path):
     from moram_bench.__main__ import main
 
     out = tmp_path / "run"
-    assert main(["fit", *tiny_overrides(out, "method=moe-adapters", "method.optim.lr=0.01",
-                                        "method.ddas_iterations=50")]) == 0
+    assert main(["fit", "stream=synthetic-tiny", f"output_dir={out}", "trainer.enable_progress_bar=false",
+                 f"cache_dir={tmp_path}/cache", "method=moe-adapters", "method.optim.lr=0.01",
+                 "method.ddas_iterations=50"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "moe-adapters"
     assert "AlexNet" in m["method_settings"]["ddas_features"]
