@@ -546,15 +546,16 @@ def test_a_second_domain_order_is_a_separate_table_labelled_by_its_order(tmp_pat
 
 
 def test_training_through_the_evaluation_transform_is_stated(tmp_path):
-    settings = {"shots": 16, "train_transform": "eval (no augmentation)"}
+    # the data module records which transform training used: "train" (augmentation) or "eval"
+    settings = {"shots": 16, "train_transform": "eval"}
     make_run(tmp_path, "moram", 0, MORAM[0][0], stream_settings=settings)
-    make_run(tmp_path, "moram", 0, MORAM[0][0], stream_settings={"shots": 16, "train_transform": "randaug"},
+    make_run(tmp_path, "moram", 0, MORAM[0][0], stream_settings={"shots": 16, "train_transform": "train"},
              subdir="aug/seed0")
     lb = L.aggregate(L.collect_runs(tmp_path))
     assert len(lb.tables) == 2  # another training transform is another protocol
     md = L.render_markdown(lb)
     assert md.count("Training images go through the evaluation transform") == 1
-    assert "train transform: eval (no augmentation)" in md and "train transform: randaug" in md
+    assert "(train transform: eval): no training augmentation" in md and "train transform: train" in md
 
 
 # ------------------------------------------------------------------------- CLI errors

@@ -18,11 +18,10 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import metrics as M
+from .. import rundir
 from ..results_io import read_matrix_csv
 
-from .. import rundir
-
-RUN_FILES = (rundir.STATE, rundir.METRICS)
+RUN_FILES = (rundir.STATE, rundir.METRICS)  # a run directory is a folder holding one of these
 
 # Config keys (dotted; a trailing ".*" takes a whole sub-tree) left out of the key that
 # decides which runs are averaged together, and the exceptions to those sub-trees: defined
@@ -231,8 +230,8 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     """Read one run directory (never raises for bad contents: problems become the
     record's ``status`` and ``reason``)."""
     path = Path(path)
-    state, state_problem = _read_json(path / "run_state.json")
-    met, met_problem = _read_json(path / "metrics.json")
+    state, state_problem = _read_json(path / rundir.STATE)
+    met, met_problem = _read_json(path / rundir.METRICS)
     src = met or state or {}
     config = src.get("config") if isinstance(src.get("config"), dict) else {}
     if met is not None and not config and state and isinstance(state.get("config"), dict):
@@ -261,9 +260,9 @@ def read_run(path: str | os.PathLike) -> RunRecord:
 
     rows = names = None
     matrix_problem = ""
-    if (path / "matrix.csv").exists():
+    if (path / rundir.MATRIX).exists():
         try:
-            rows, names = read_matrix_csv(path / "matrix.csv")
+            rows, names = read_matrix_csv(path / rundir.MATRIX)
         except ValueError as e:
             matrix_problem = f"matrix.csv is unreadable ({e})"
     else:
