@@ -174,8 +174,10 @@ def needs_subprocess(cfg) -> bool:
 
 
 def plan_sweep(overrides: list[str], config_file: Optional[str] = None,
-               results: Optional[str] = None) -> list[GridPoint]:
-    """Expand, resolve and check every grid point; decide its directory and state.
+               results: Optional[str] = None, running_ok: bool = False) -> list[GridPoint]:
+    """Expand, resolve and check every grid point; decide its directory and state
+    (``running_ok``: a run directory locked by a live run gets state ``"running"``
+    instead of an error; ``--status`` and launchers use it).
 
     Raises :class:`ConfigError` (one line) for the first problem, naming the grid point.
     """
@@ -204,6 +206,9 @@ def plan_sweep(overrides: list[str], config_file: Optional[str] = None,
         seen[key] = p
     conflicts = []
     for p in points:
+        if running_ok and rundir.RunLock(Path(p.out) / rundir.LOCK).live_owner():
+            p.state = "running"
+            continue
         try:
             plan = rundir.preflight(p.cfg, p.out)  # data, the run directory, its lock
         except ConfigError as e:
@@ -400,19 +405,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--config", default=None, help="a YAML file merged over the defaults for every run")
     parser.add_argument("--subprocess", action="store_true", help="run every point as a `fit` child process")
     parser.add_argument("--dry-run", action="store_true", help="print the grid and each run's state, run nothing")
+    parser.add_argument("--status", action="store_true", help="per point: finished/running/queued/failed/interrupted")
     try:
         args = parser.parse_intermixed_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    from . import launchers  # launcher=local workers=N | launcher=slurm (moram_bench/launchers.py)
+
+    try:
+        launch, args.overrides = launchers.split_launcher_args(args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return USAGE_ERROR
     if not args.overrides:
         print("error: nothing to sweep; e.g. python -m moram_bench sweep method=moram,seq-lora seed=0,1,2",
               file=sys.stderr)
         return USAGE_ERROR
     try:
-        points = plan_sweep(args.overrides, args.config, args.results)
+        points = plan_sweep(args.overrides, args.config, args.results,
+                            running_ok=args.status or launch.name != "sequential")
     except (ConfigError, FileNotFoundError) as e:  # StreamError is a ConfigError
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr, flush=True)
         return USAGE_ERROR
+    root = Path(args.results or "results")
+    if args.status:
+        return launchers.print_status(points, root, echo=lambda s: print(s, flush=True))
     n_fin = sum(p.state == "finished" for p in points)
     n_res = sum(p.state == "resume" for p in points)
     n_rep = sum(p.state == "replace" for p in points)
@@ -423,7 +440,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"  [{p.index + 1}/{len(points)}] {p.label}: {p.state}"
                   + (f" ({p.progress})" if p.progress else "") + f" -> {p.out}")
         return 0
-    root = Path(args.results or "results")
     log_path = root / "sweeps" / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    if launch.name == "slurm":
+        try:
+            return launchers.submit_slurm(points, launch, results=root, config_file=args.config,
+                                          echo=lambda s: print(s, flush=True))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return USAGE_ERROR
+    if launch.name == "local":
+        return launchers.run_local(points, launch, results=root, config_file=args.config, log_path=log_path,
+                                   argv=argv, echo=lambda s: print(s, flush=True))
     return run_sweep(points, config_file=args.config, force_subprocess=args.subprocess, log_path=log_path,
                      argv=argv, echo=lambda s: print(s, flush=True))
