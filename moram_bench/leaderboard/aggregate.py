@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .reading import RunRecord, canon, comparable_config, short_value
+from .reading import HIDDEN_PROTOCOL_KEYS, RunRecord, canon, comparable_config, short_value
 from .references import references_for
 from .stats import ALPHA, ci95, paired_t_test
 
@@ -126,8 +126,6 @@ class Table:
 
     def describe(self) -> str:
         """One line: backbone, weights, task count and the protocol settings."""
-        from .reading import HIDDEN_PROTOCOL_KEYS
-
         parts = [f"backbone {self.backbone} ({self.weights})" if self.weights else f"backbone {self.backbone}",
                  f"{len(self.task_names)} tasks ({', '.join(self.task_names)})" if self.task_names else ""]
         # a null cap (max_train, max_test, ...) means "no cap": say "all", not "None"
