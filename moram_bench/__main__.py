@@ -54,8 +54,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from . import registry
 
     registry.discover(args.plugins or [])
-    from .config import CONF_DIR
-    from omegaconf import OmegaConf
+    from .config import CONF_DIR, _group_defaults
 
     print("methods:")
     for name in sorted(registry.METHODS):
@@ -64,10 +63,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<14} [{mods}] {registry.describe(cls)}")
     print("streams:")
     for name in sorted(registry.STREAMS):
-        path = CONF_DIR / "stream" / f"{name}.yaml"
         extra = ""
-        if path.exists():
-            c = OmegaConf.load(path)
+        if (CONF_DIR / "stream" / f"{name}.yaml").exists():
+            c = _group_defaults("stream", name, None)
             extra = f"[{c.get('modality', 'image')}, backbone {c.get('backbone')}] "
         print(f"  {name:<14} {extra}{registry.describe(registry.STREAMS[name])}")
     print("backbones:")

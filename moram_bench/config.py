@@ -98,6 +98,10 @@ def _group_defaults(group: str, name: str, modality: str | None) -> DictConfig:
         cfg = _load_yaml(path, f"{group} defaults")
     else:
         cfg = OmegaConf.create({})
+    if "alias_of" in cfg:  # e.g. stream olora-order3: olora's settings with order: 3
+        target = str(cfg.pop("alias_of"))
+        cfg = OmegaConf.merge(_group_defaults(group, target, modality), cfg)
+        cfg.pop("name")
     if group == "method":
         cls = registry.METHODS[name]
         base = OmegaConf.create(getattr(cls, "default_config", {}) or {})

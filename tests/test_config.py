@@ -100,3 +100,16 @@ def test_every_method_declares_parseable_ranges_that_its_defaults_meet():
     for name, cls in registry.METHODS.items():
         cfg = resolve_config([f"method={name}"] + (["stream=trace-mini"] if "image" not in cls.modalities else []))
         cls.validate_config(cfg.method)  # the shipped defaults are valid
+
+
+def test_olora_orders_are_one_stream_and_the_old_names_are_aliases():
+    from moram_bench.rundir import comparable
+
+    for n in range(1, 7):
+        old = resolve_config([f"stream=olora-order{n}", "method=seq-lora"])
+        new = resolve_config(["stream=olora", f"stream.order={n}", "method=seq-lora"])
+        assert old.stream.name == f"olora-order{n}" and old.stream.order == n
+        a, b = comparable(old), comparable(new)
+        a["stream"].pop("name"), b["stream"].pop("name")
+        assert a == b  # the alias is exactly the stream with its order
+    assert resolve_config(["stream=olora-order5", "stream.max_train=7"]).stream.max_train == 7

@@ -1,4 +1,5 @@
-"""The O-LoRA benchmarks (Wang et al. 2023): ``stream=olora-order1`` ... ``olora-order6``.
+"""The O-LoRA benchmarks (Wang et al. 2023): ``stream=olora stream.order=1`` ... ``6``
+(``stream=olora-order1`` ... ``olora-order6`` are aliases).
 
 Orders 1-3 are the Standard CL benchmark (4 text-classification tasks), orders 4-6 the
 long sequence (15 tasks). Data: the O-LoRA ``CL_Benchmark`` folder from the user,
@@ -23,7 +24,7 @@ from pathlib import Path
 from ..check_data import register_data_check
 from ..protocols.text import text_settings
 from ..registry import register_stream
-from .base import Stream, Task
+from .base import Stream, StreamError, Task
 from .textdata import (TextPairs, capped, find_child, hf_cache_dir, malformed, missing, read_json_list,
                        read_json_records, require_data_dir, select_tasks, subset_seed)
 
@@ -130,19 +131,34 @@ def check_olora(cfg, order: int) -> list:
                                                             f"olora-order{order}")]
 
 
-def _register(order: int) -> None:
-    def build(cfg) -> Stream:
-        return build_olora(cfg, order)
+@register_stream("olora")
+def build(cfg) -> Stream:
+    """O-LoRA benchmark, order stream.order (1-3: Standard CL, 4 tasks; 4-6: long sequence, 15 tasks) from data_dir"""
+    return build_olora(cfg, stream_order(cfg))
 
-    def check(cfg, verify_images: bool = False) -> list:
-        return check_olora(cfg, order)
 
+@register_data_check("olora")
+def check(cfg, verify_images: bool = False) -> list:
+    return check_olora(cfg, stream_order(cfg))
+
+
+def stream_order(cfg) -> int:
+    order = cfg.stream.get("order")
+    if order not in OLORA_ORDERS:
+        raise StreamError(f"stream.order must be one of {', '.join(map(str, OLORA_ORDERS))} (got {order!r})")
+    return int(order)
+
+
+def _register_alias(order: int) -> None:
+    """``stream=olora-orderN``: the old names, aliases of ``stream=olora stream.order=N``."""
+    def alias(cfg) -> Stream:
+        return build(cfg)
+
+    alias.__doc__ = (f"alias of stream=olora stream.order={order} ({len(OLORA_ORDERS[order])} tasks: "
+                     f"{', '.join(OLORA_ORDERS[order][:4])}{', ...' if len(OLORA_ORDERS[order]) > 4 else ''})")
+    register_stream(f"olora-order{order}")(alias)
     register_data_check(f"olora-order{order}")(check)
-
-    build.__doc__ = (f"O-LoRA order {order} ({len(OLORA_ORDERS[order])} tasks: "
-                     f"{', '.join(OLORA_ORDERS[order][:4])}{', ...' if len(OLORA_ORDERS[order]) > 4 else ''}) from data_dir")
-    register_stream(f"olora-order{order}")(build)
 
 
 for _order in OLORA_ORDERS:
-    _register(_order)
+    _register_alias(_order)
