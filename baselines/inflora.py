@@ -11,7 +11,11 @@ Per adapted layer, task t adds a branch ``U_t D_t x`` (docs/METHODS.md, InfLoRA)
 - ``U_t`` (d_out x r), zero-initialised, the ONLY trained parameter of task t; earlier
   ``U``'s are frozen. Prediction sums every branch: no task id.
 - After the task, ``C`` is recomputed (with the trained branch) and ``M`` grows GPM-style
-  with the energy threshold ``eps_t = lb + (le - lb) * t / T`` (t 0-based, T tasks).
+  with the energy threshold ``eps_t = lb + (le - lb) * t / T`` (t 0-based, T tasks). After
+  the FIRST task the official code keeps the directions whose cumulative energy ratio is
+  strictly below ``eps_0`` (at least one): one fewer than the fewest that reach it
+  (``first_task_rule: below``, default); ``reach`` keeps the fewest that reach it, the rule
+  of every later task. Fidelity, point by point: docs/FIDELITY.md (InfLoRA).
 
 Placement (``kv_filter``): the paper adapts the key and value projections of every
 attention block. Among the backbone's declared adapter targets (MoRAM's placement) the
@@ -109,6 +113,8 @@ class InfLoRA(ContinualModule):
             raise ConfigError(f"method.lb and method.le must satisfy 0 <= lb <= le <= 1 (got {lb}, {le})")
         if int(h.cov_batch_size) < 1:
             raise ConfigError(f"method.cov_batch_size must be >= 1 (got {h.cov_batch_size})")
+        if str(h.first_task_rule) not in ("below", "reach"):
+            raise ConfigError(f"method.first_task_rule must be below or reach (got {h.first_task_rule!r})")
 
     def setup_adapters(self) -> None:
         h = self.hp
@@ -157,13 +163,15 @@ class InfLoRA(ContinualModule):
             return
         covs = self.input_covariances(data, task)
         eps = self.threshold(task)
+        strict = str(self.hp.first_task_rule) == "below"
         for name, layer in layers.items():
-            layer.basis = gpm_update(layer.basis, covs[name], eps).to(layer.basis)
+            layer.basis = gpm_update(layer.basis, covs[name], eps, strict_first=strict).to(layer.basis)
 
     def extra_metrics(self) -> dict:
         layers = list(self.adapters().values())
         dims = [layer.basis.shape[1] for layer in layers]
         return {"adapted_layers": len(layers), "r": int(self.hp.r), "lb": float(self.hp.lb), "le": float(self.hp.le),
+                "first_task_rule": str(self.hp.first_task_rule),
                 "kv_filter": str(self.hp.kv_filter) if not self.hp.get("targets") else None,
                 "basis_dims": dims, "basis_fraction_mean": (sum(d / layer.d_in for d, layer in zip(dims, layers))
                                                             / max(1, len(layers)))}

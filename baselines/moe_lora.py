@@ -6,6 +6,18 @@ targets, unless ``method.targets`` overrides them) gets a ``MoELoRA`` layer
 (moram_bench/adapters/moe.py). Task t adds expert t and router row t; earlier experts are
 frozen. At test time the router mixes the top-k experts of all tasks: no task id.
 
+The router's design decides more than the experts' rank. Router rows start at ZERO (as
+MoE-Adapters initialises its routers) and a row is frozen after its task by default. So:
+during task 1 there is a single expert, the top-k softmax over one score is 1 whatever the
+score, and its router row never receives a gradient (it stays zero); when task 2 adds a
+second expert with a zero row, every input scores (0, 0) and the old expert gets half the
+weight before any training; its row being frozen at zero for ever, expert 1's share is
+decided by the later rows alone (inputs on which they score below 0 route MORE to it).
+Each later row learns only while its own task trains and never sees the data of later
+tasks. These choices, not the rank-1 versus rank-r question, can decide the order of
+``moram`` and ``moe-lora`` on a stream. ``train_old_router`` and ``per_sample`` change this;
+their measured effect is in docs/FIDELITY.md (MoE-LoRA).
+
 Switches (defaults in conf/method/moe-lora.yaml, which way each default goes):
 - ``train_old_router`` (default false): router rows of earlier experts are frozen; true
   lets them keep training in later tasks.

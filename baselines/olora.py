@@ -9,17 +9,23 @@ concatenated pair of matrices, so a call costs two matmuls whatever the number o
 While learning task t the loss adds an orthogonality penalty between the new LoRA's
 down-projection and all earlier ones, summed over the adapted layers:
 
-    loss = task loss + lambda1 * sum_layers sum_ij |(A_prev A_t^T)_ij|  (+ lambda2 * sum ||theta_t||^2)
+    loss = task loss + lambda1 * sum_layers sum_ij |(A_prev A_t^T)_ij|
+                     + lambda2 * sum_layers (||A_t||_F + ||B_t||_F)
 
 with A_prev the earlier tasks' A matrices stacked (r*(t-1) x d_in). lambda1 = 0.5 (the
-paper's setting); lambda2 (an L2 penalty on the current LoRA, 0 in the paper's LLaMA runs)
-defaults to 0. Dropout acts on the current LoRA's input only; frozen LoRAs see ``x``
-(evaluation is identical either way).
+paper's setting); lambda2 (a penalty on the current LoRA, 0 in the paper's LLaMA runs)
+defaults to 0. As in the official trainer the lambda2 term is the UNSQUARED Frobenius norm
+of each current matrix (``lambda2_squared: true`` squares it, an L2 weight penalty; this
+project's earlier behaviour). Dropout acts on the current LoRA's input only; frozen LoRAs
+see ``x`` (evaluation is identical either way).
 
-Placement: the backbone's adapter targets (q/k/v/o on Llama-family LLMs, as every method on
-the stream) unless ``method.targets`` is set; the paper adapts q and v only
-(``method.targets='[self_attn\\.(q|v)_proj$]'`` reproduces that). No task id at test time.
-Text streams only.
+Placement and learning rate (deviations from the paper, for the stream's fairness rule):
+the backbone's adapter targets (q/k/v/o on Llama-family LLMs, as every method on the
+stream) unless ``method.targets`` is set; the paper adapts q and v only
+(``method.targets='[self_attn\\.(q|v)_proj$]'`` reproduces that). The optimiser is the
+stream's shared LLM one (Adam 5e-4 constant, as MoRAM's and seq-lora's text settings); the
+paper used 1e-3 for T5 and 1e-4 for LLaMA (``method.optim.lr``). No task id at test time.
+Text streams only. Fidelity, point by point: docs/FIDELITY.md (O-LoRA).
 """
 from __future__ import annotations
 
@@ -122,11 +128,15 @@ class OLoRA(ContinualModule):
             if orth:
                 terms.append(lam1 * torch.stack(orth).sum())
         if lam2 > 0:
-            terms.append(lam2 * sum((a.A.pow(2).sum() + a.B.pow(2).sum()) for a in self.adapters().values() if a.A is not None))
+            current = [m for a in self.adapters().values() if a.A is not None for m in (a.A, a.B)]
+            if current:
+                squared = bool(self.hp.get("lambda2_squared", False))
+                terms.append(lam2 * sum(m.pow(2).sum() if squared else torch.linalg.matrix_norm(m) for m in current))
         return sum(terms) if terms else None
 
     def extra_metrics(self) -> dict:
         adapters = list(self.adapters().values())
         return {"r": int(self.hp.r), "lambda1": float(self.hp.lambda1),
-                "lambda2": float(self.hp.get("lambda2", 0.0) or 0.0), "adapted_layers": len(adapters),
+                "lambda2": float(self.hp.get("lambda2", 0.0) or 0.0),
+                "lambda2_squared": bool(self.hp.get("lambda2_squared", False)), "adapted_layers": len(adapters),
                 "loras_per_layer": adapters[0].n_tasks if adapters else 0}

@@ -17,11 +17,9 @@ from moram_bench.config import resolve_config
 # ------------------------------------------------------------------------------------ helpers
 def build(method: str, *overrides: str, backbone=None):
     """A method on synthetic-tiny (tiny-clip unless ``backbone`` is given)."""
-    from moram_bench.runner import build_backbone, build_stream
-
     cfg = resolve_config(["stream=synthetic-tiny", f"method={method}", "seed=0", *overrides])
-    stream = build_stream(cfg)
-    bb = backbone if backbone is not None else build_backbone(cfg)
+    stream = registry.STREAMS[cfg.stream.name](cfg)
+    bb = backbone if backbone is not None else registry.BACKBONES[cfg.backbone.name](cfg)
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny models: threads only spin (conftest restores the setting)
     return registry.METHODS[method](cfg, stream, bb)
@@ -260,7 +258,8 @@ def test_l2p_text_placement_scores_each_image_with_its_own_prompts():
     with torch.no_grad():
         for b in range(5):
             prompts = m.pool.tokens(sel.idx[b:b + 1]).expand(len(tokens), -1, -1)
-            txt = torch.nn.functional.normalize(encode_hf_text_with_prompts(bb.model.text, tokens, prompts), dim=-1)
+            txt = encode_hf_text_with_prompts(bb.model.text, tokens, prompts, cls_position=True)
+            txt = torch.nn.functional.normalize(txt, dim=-1)
             assert torch.allclose(logits[b], txt @ img[b], atol=1e-5)
     m.train()
     loss, out = m.protocol.loss(batch, 0)
@@ -268,7 +267,8 @@ def test_l2p_text_placement_scores_each_image_with_its_own_prompts():
     # the per-sample-logit loss is the CLIP protocol's loss (checked on un-prompted logits)
     m.prompting = False
     plain, plain_out = m.protocol.loss(batch, 0)
-    assert torch.allclose(m.protocol.clip_loss_from_logits(plain_out["logits"], batch["label"]), plain)
+    seen = m.protocol.seen_classes(0)  # the text side's official divisor: the classes seen so far
+    assert torch.allclose(m.protocol.clip_loss_from_logits(plain_out["logits"], batch["label"], seen), plain)
 
 
 # ------------------------------------------------------------------------------------ InfLoRA
@@ -389,3 +389,189 @@ def test_fit_end_to_end_writes_the_matrix(tiny_overrides, tmp_path, method):
     assert metrics["method"] == method and metrics["method_settings"]
     if method == "l2p":
         assert metrics["method_settings"]["batch_voting"] is False
+
+
+# ------------------------------------------------------------------------------------ fidelity switches
+def test_l2p_pull_term_is_the_official_sum_of_selected_cosines_batch_averaged():
+    """Official l2p-pytorch: reduce_sim = sum over the batch and the top-N selected keys of
+    cos(query, key), divided by the batch size; loss -= coeff * reduce_sim (coeff 0.1)."""
+    m = build("l2p")
+    begin(m, 0)
+    batch = image_batch(m)
+    m.train()
+    _, out = m.protocol_loss(batch, 0)
+    with torch.no_grad():
+        q = m.query(batch).double()
+        k = m.pool.keys.double()
+        qn = q / q.pow(2).sum(1, keepdim=True).clamp_min(1e-12).sqrt()
+        kn = k / k.pow(2).sum(1, keepdim=True).clamp_min(1e-12).sqrt()
+        idx = (qn @ kn.t()).topk(int(m.hp.top_n), dim=1).indices            # (B, N)
+        reduce_sim = (kn[idx] * qn[:, None, :]).sum() / q.shape[0]
+    assert m.hp.pull_sum_over_selected is True and m.hp.pull_lambda == 0.1  # the official defaults
+    assert m.extra_loss(batch, out).item() == pytest.approx(-0.1 * reduce_sim.item(), rel=1e-5)
+    # the switch: the mean over the N selected keys (N times weaker)
+    m.hp.pull_sum_over_selected = False
+    assert m.extra_loss(batch, out).item() == pytest.approx(-0.1 * reduce_sim.item() / int(m.hp.top_n), rel=1e-5)
+
+
+@pytest.mark.parametrize("cls_position", [True, False])
+def test_l2p_vit_prompts_enter_after_cls_with_the_cls_position_embedding(cls_position):
+    """The transformer blocks receive [CLS, prompts, patches] after ln_pre, each prompt token
+    with [CLS]'s position embedding added (official L2P) or none (switch)."""
+    m = build("l2p", f"method.prompt_cls_position={str(cls_position).lower()}")
+    visual = m.backbone.model.visual
+    seen = []
+    handle = visual.transformer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    batch = image_batch(m, n=2)
+    prompts = torch.randn(2, 3, m.vision_hook.width)
+    try:
+        with torch.no_grad():
+            m.protocol.encode_images(batch)                      # un-prompted
+            with m.vision_hook.prompts(prompts):
+                m.protocol.encode_images(batch)                  # prompted
+    finally:
+        handle.remove()
+    plain, prompted = seen[0], seen[1]
+    if plain.shape[0] != 2:  # open_clip may run the blocks sequence-first
+        plain, prompted = plain.transpose(0, 1), prompted.transpose(0, 1)
+    pos0 = visual.positional_embedding[0] if cls_position else torch.zeros_like(visual.positional_embedding[0])
+    with torch.no_grad():
+        expected = visual.ln_pre(prompts + pos0)
+    assert prompted.shape[1] == plain.shape[1] + 3
+    assert torch.allclose(prompted[:, 1:4], expected, atol=1e-5)
+    assert torch.allclose(prompted[:, :1], plain[:, :1], atol=1e-6)   # [CLS] and patches untouched
+    assert torch.allclose(prompted[:, 4:], plain[:, 1:], atol=1e-6)
+
+
+def test_l2p_text_prompts_take_the_cls_position_and_words_keep_theirs():
+    text = _tiny_hf_text_backbone().model.text
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 9, 2, 0, 0]])
+    seen = []
+    emb = text.transformer.embeddings.position_embeddings
+    handle = emb.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            encode_hf_text_with_prompts(text, tokens, torch.randn(2, 3, 16), cls_position=True)
+            encode_hf_text_with_prompts(text, tokens, torch.randn(2, 3, 16), cls_position=False)
+    finally:
+        handle.remove()
+    assert seen[0].tolist() == [[0, 0, 0, 0, 1, 2, 3, 4, 5]] * 2       # [CLS], 3 prompts at 0, words 1..
+    assert seen[1].reshape(-1, 9)[0].tolist() == list(range(9))       # the switch: prompts at 1..3
+
+
+def test_l2p_on_a_cnn_image_tower_is_named_as_the_text_prompt_variant():
+    m = build("l2p", backbone=_tiny_hf_text_backbone())
+    assert m.placement == "text" and m.extra_metrics()["display_name"] == "l2p (text prompts)"
+    assert build("l2p").extra_metrics()["display_name"] == "l2p"
+
+
+def _moram_layer_reference(mem, x, y0):
+    """docs/METHODS.md's MoRAM read with every atom (frozen and current) listed explicitly."""
+    keys = torch.cat([mem._key_store[:mem.n_frozen]] + ([mem.keys] if mem.keys is not None else []))
+    vals = torch.cat([mem._val_store[:mem.n_frozen]] + ([(mem.values * mem.scale).t()] if mem.keys is not None else []))
+    p = x @ keys.t()
+    z = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    k = min(max(mem.topk, 2), keys.shape[0])
+    top = z.topk(k, dim=-1)
+    w = torch.zeros_like(z).scatter(-1, top.indices, torch.softmax(top.values / mem.tau, -1))
+    if mem.delta > 0:
+        w = w * (z >= mem.delta)
+    return y0 + (w * p) @ vals
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_moram_keep_null_atoms_puts_r_zero_value_atoms_in_every_evaluated_memory(keep):
+    """Official TRACE code: the next task's r fresh atoms (kaiming keys, zero values) are in
+    the memory whenever a row of the matrix is evaluated, and the next task trains them."""
+    r, T = 2, 3
+    m = build("moram", f"method.r={r}", f"method.keep_null_atoms={str(keep).lower()}")
+    mems = list(m.adapters().values())
+    pending = None
+    for t in range(T):
+        begin(m, t)
+        assert all(mem.n_current == r and mem.n_atoms == r * (t + 1) for mem in mems)
+        if pending is not None:  # the null atoms of the last evaluation are this task's atoms
+            assert all(mem.keys is k for mem, k in zip(mems, pending))
+        trained = [mem.keys for mem in mems]
+        perturb_trainable(m, t)  # stand-in for training
+        end(m, t)
+        # what the evaluation of row t sees
+        for mem, keys in zip(mems, trained):
+            n_eval = r * (t + 1) + (r if keep else 0)
+            assert mem.n_atoms == n_eval
+            if keep:
+                null_vals = mem.values.t() if mem.keys is not None else mem._val_store[n_eval - r:n_eval]
+                assert torch.count_nonzero(null_vals) == 0 and null_vals.shape[0] == r
+                assert torch.count_nonzero(mem._val_store[:r * (t + 1)]) > 0  # trained atoms are not null
+        mem = mems[0]
+        mem.eval()
+        x, y0 = torch.randn(4, mem.d_in), torch.randn(4, mem.d_out)
+        with torch.no_grad():
+            assert torch.allclose(mem(x, y0), _moram_layer_reference(mem, x, y0), atol=1e-5)
+        mem.train()
+        pending = [mem.keys for mem in mems] if keep and t < T - 1 else None
+    assert m.count_trainable() == 0  # after the last task every atom is frozen
+
+
+def test_inflora_first_task_keeps_the_directions_strictly_below_the_threshold():
+    """Official InfLoRA (update_DualGPM after the first task): r = #(cumulative energy ratio
+    < threshold), at least 1; later tasks add the fewest directions that reach it."""
+    import numpy as np
+
+    _, cov = _known_spectrum()  # energies 100, 25, 4, 1, 0.25 of 130.25
+    s = np.linalg.svd(cov.numpy(), compute_uv=False)
+    ratio = np.cumsum(s ** 2) / (s ** 2).sum()
+    for thr, official, reach in [(0.95, 1, 2), (0.99, 2, 3), (0.5, 1, 1), (1.0, 4, 5)]:
+        assert max(1, int(np.sum(ratio < thr))) == official
+        assert gpm_update(None, cov, thr, strict_first=True).shape[1] == official
+        assert gpm_update(None, cov, thr).shape[1] == reach
+    # later tasks (non-empty basis) are unaffected by the switch
+    m1 = gpm_update(None, cov, 0.75)
+    assert torch.equal(gpm_update(m1, cov, 0.99, strict_first=True), gpm_update(m1, cov, 0.99))
+
+
+@pytest.mark.parametrize("rule", ["below", "reach"])
+def test_inflora_method_applies_the_first_task_rule(rule):
+    import numpy as np
+
+    m = build("inflora", f"method.first_task_rule={rule}")
+    begin(m, 0)
+    covs = m.input_covariances(data(m), 0)  # the same covariances end_task recomputes
+    end(m, 0)
+    eps = m.threshold(0)
+    for name, layer in m.adapters().items():
+        s = np.linalg.svd(covs[name].double().numpy(), compute_uv=False)
+        ratio = np.cumsum(s ** 2) / (s ** 2).sum()
+        below = max(1, int(np.sum(ratio < eps)))
+        expected = below if rule == "below" else gpm_update(None, covs[name], eps).shape[1]
+        assert layer.basis.shape[1] == expected
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_olora_loss_terms_match_the_official_trainer(squared):
+    """Official O-LoRA trainer: lambda1 * sum_layers sum |A_prev A_new^T| + lambda2 *
+    sum over the new A's and B's of torch.norm(param, p=2) (unsquared Frobenius norms)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from baselines.olora import OLoRA, OLoRALayer
+
+    torch.manual_seed(0)
+    layers = {"l0": OLoRALayer(6, 5, 2, None, 0.0), "l1": OLoRALayer(4, 3, 2, None, 0.0)}
+    for layer in layers.values():
+        layer.grow()
+        with torch.no_grad():
+            layer.B.normal_()
+        layer.grow()
+        with torch.no_grad():
+            layer.B.normal_()
+    hp = OmegaConf.create({"lambda1": 0.5, "lambda2": 0.3, "lambda2_squared": squared})
+    fake = SimpleNamespace(hp=hp, adapters=lambda: layers)
+    got = OLoRA.extra_loss(fake, {}, {})
+    orth = sum((layer.frozen_A @ layer.A.t()).abs().sum() for layer in layers.values())
+    if squared:
+        l2 = sum((layer.A ** 2).sum() + (layer.B ** 2).sum() for layer in layers.values())
+    else:
+        l2 = sum(torch.sqrt((layer.A ** 2).sum()) + torch.sqrt((layer.B ** 2).sum()) for layer in layers.values())
+    assert got.item() == pytest.approx((0.5 * orth + 0.3 * l2).item(), rel=1e-6)

@@ -350,7 +350,7 @@ def test_l2p_on_a_causal_lm_prepends_per_sample_prompts_that_train(tmp_path):
     """L2P's LLM placement: the prefix is the selected prompts of each sample (N * L_p
     tokens), the query comes from the frozen un-prompted LM, gradients reach the prompts
     and the pull term reaches the keys; row 0 (before the first task) is un-prompted."""
-    from moram_bench import registry, runner
+    from moram_bench import registry
     from moram_bench.config import resolve_config
 
     data = trace_fixture(tmp_path / "data", tasks=("C-STANCE", "FOMC"), n_train=8, n_test=2,
@@ -358,8 +358,8 @@ def test_l2p_on_a_causal_lm_prepends_per_sample_prompts_that_train(tmp_path):
     cfg = resolve_config(["stream=trace", f"data_dir={data}", "stream.tasks=[C-STANCE,FOMC]", "backbone=tiny-llama",
                           "stream.task_epochs=null", "stream.iterations=2", "method=l2p",
                           f"cache_dir={tmp_path / 'cache'}"])
-    stream = runner.build_stream(cfg)
-    m = registry.METHODS["l2p"](cfg, stream, runner.build_backbone(cfg))
+    stream = registry.STREAMS[cfg.stream.name](cfg)
+    m = registry.METHODS["l2p"](cfg, stream, registry.BACKBONES[cfg.backbone.name](cfg))
     t = stream.tasks[0]
     batch = {"prompt": [t.train[i]["prompt"] for i in range(4)], "answer": [t.train[i]["answer"] for i in range(4)]}
     assert m.protocol.loss(batch, 0)[1]["prefix"] is None  # not prompting before the first task

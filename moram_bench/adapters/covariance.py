@@ -17,9 +17,13 @@ covariance: with ``C = U S V^T`` (total energy ``sum S^2``) and the memory basis
 (orthonormal columns), the residual ``(I - M M^T) C = U' S' V'^T`` adds its leading
 directions ``U'[:, :k]`` for the fewest ``k`` such that the captured energy
 ``(sum S^2 - sum S'^2 + sum_{i<k} S'_i^2) / sum S^2`` reaches ``threshold`` (none when it
-is reached already). DualGPM's "retain" mode stores the complement of ``M`` instead, once
-``M`` is more than half full; it describes the same subspaces (a memory saving, not a
-different method), so only ``M`` is kept here.
+is reached already). On an EMPTY basis (the first task) ``strict_first=True`` applies the
+official InfLoRA/GPM first-task rule instead: keep the ``k`` directions whose cumulative
+energy ratio is STRICTLY BELOW the threshold (at least one), i.e. one direction fewer than
+the fewest that reach it (whenever the threshold is not hit exactly). DualGPM's "retain"
+mode stores the complement of ``M`` instead, once ``M`` is more than half full; it
+describes the same subspaces (a memory saving, not a different method), so only ``M`` is
+kept here.
 
 ``project_out(basis, cov)`` is ``(I - M M^T) C`` and ``free_directions(basis, cov, r)`` the
 top-``r`` left singular vectors of it, re-projected onto the complement of ``M`` (a no-op
@@ -127,10 +131,12 @@ def free_directions(basis: torch.Tensor | None, cov: torch.Tensor, r: int) -> to
     return u.to(cov.dtype)
 
 
-def gpm_update(basis: torch.Tensor | None, cov: torch.Tensor, threshold: float) -> torch.Tensor:
+def gpm_update(basis: torch.Tensor | None, cov: torch.Tensor, threshold: float,
+               strict_first: bool = False) -> torch.Tensor:
     """The memory basis after adding the directions of ``cov`` that GPM's energy criterion
     asks for (see the module docstring). Returns ``(d, k_old + k_new)``, orthonormal
-    columns, old columns unchanged; the input basis may be None or ``(d, 0)``."""
+    columns, old columns unchanged; the input basis may be None or ``(d, 0)``.
+    ``strict_first``: on an empty basis, the official first-task count (module docstring)."""
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1] (got {threshold})")
     c = cov.double()
@@ -141,6 +147,11 @@ def gpm_update(basis: torch.Tensor | None, cov: torch.Tensor, threshold: float) 
         return m.to(cov.dtype)
     u_hat, s_hat, _ = torch.linalg.svd(project_out(m, c), full_matrices=False)
     energy_hat = s_hat.pow(2)
+    if strict_first and m.shape[1] == 0:
+        ratio = torch.cumsum(energy_hat, 0) / energy_hat.sum()
+        k = max(1, int((ratio < threshold).sum()))
+        new, _ = torch.linalg.qr(u_hat[:, :k])
+        return new.to(cov.dtype)
     captured = float((s_total - energy_hat.sum()) / s_total)
     k = 0
     free = d - m.shape[1]

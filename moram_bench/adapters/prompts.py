@@ -15,19 +15,24 @@ official code concatenates in similarity order; the set is what L2P's selection 
 
 Prepending:
 
-- ``VisionPromptHook(visual)``: for an open_clip ``VisionTransformer``. A forward hook on
-  ``ln_pre`` (the last step before the transformer blocks) inserts prompt tokens right
-  after [CLS]: ``[CLS, prompts, patches]``. The prompts get no positional embedding (the
-  patches keep theirs); [CLS] pooling is unaffected by the longer sequence. Inactive unless
+- ``VisionPromptHook(visual, cls_position=True)``: for an open_clip ``VisionTransformer``.
+  A forward pre-hook on ``ln_pre`` (whose input is the token sequence with its position
+  embeddings added) inserts the prompt tokens right after [CLS]: ``[CLS, prompts,
+  patches]``, so they pass ``ln_pre`` and the blocks like every token. With
+  ``cls_position`` each prompt token gets the position embedding of [CLS] added, as in the
+  official L2P code (which extends the position table with copies of [CLS]'s entry); the
+  patches keep theirs. [CLS] pooling is unaffected by the longer sequence. Inactive unless
   inside ``with hook.prompts(tokens)``, so the same tower still computes un-prompted
   features (the L2P query).
 - ``encode_hf_text_with_prompts(text_tower, tokens, prompts)``: for a Hugging Face text
   tower inside open_clip (``HFTextEncoder``: BERT-like encoder, pooler, projection). The
   prompt tokens are inserted after the first token ([CLS]) in input-embedding space, as
-  soft words (prompt tuning / CoOp style): they take positions 1..P, the prompt's words
-  shift by P, and the embedding layer adds position/type embeddings and LayerNorm as for
-  any token. Every token attends to them; the pooler pools over the ORIGINAL tokens only
-  (the prompts act through attention, as prompts act on [CLS] in a ViT).
+  soft words (prompt tuning / CoOp style), and the embedding layer adds position/type
+  embeddings and LayerNorm as for any token. With ``cls_position`` (L2P's rule) the prompts
+  take [CLS]'s position (0) and the words keep their own positions; without it they take
+  positions 1..P and the words shift by P. Every token attends to them; the pooler pools
+  over the ORIGINAL tokens only (the prompts act through attention, as prompts act on
+  [CLS] in a ViT).
 """
 from __future__ import annotations
 
@@ -98,22 +103,28 @@ def is_vision_transformer(visual: nn.Module) -> bool:
 
 
 class VisionPromptHook:
-    """Insert prompt tokens after [CLS] at the transformer input of an open_clip ViT."""
+    """Insert prompt tokens after [CLS] at the transformer input of an open_clip ViT
+    (``ln_pre``'s input), with [CLS]'s position embedding if ``cls_position``."""
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, cls_position: bool = True):
         if not is_vision_transformer(visual):
             raise ValueError(f"{type(visual).__name__} is not an open_clip VisionTransformer with [CLS] pooling")
+        self.visual = visual
         self.width = int(visual.class_embedding.shape[-1])
+        self.cls_position = bool(cls_position)
         self._tokens: torch.Tensor | None = None
-        self._handle = visual.ln_pre.register_forward_hook(self._insert)
+        self._handle = visual.ln_pre.register_forward_pre_hook(self._insert)
 
-    def _insert(self, module, args, out):
+    def _insert(self, module, args):
         if self._tokens is None:
             return None
-        p = self._tokens
-        if p.shape[0] != out.shape[0]:
-            raise ValueError(f"{p.shape[0]} prompt sets for a batch of {out.shape[0]} images")
-        return torch.cat([out[:, :1], p.to(out.dtype), out[:, 1:]], dim=1)
+        x = args[0]
+        p = self._tokens.to(x.dtype)
+        if p.shape[0] != x.shape[0]:
+            raise ValueError(f"{p.shape[0]} prompt sets for a batch of {x.shape[0]} images")
+        if self.cls_position:
+            p = p + self.visual.positional_embedding[0].to(x.dtype)
+        return (torch.cat([x[:, :1], p, x[:, 1:]], dim=1), *args[1:])
 
     @contextlib.contextmanager
     def prompts(self, tokens: torch.Tensor):
@@ -136,9 +147,11 @@ def is_hf_text_tower(text: nn.Module | None) -> bool:
             and hasattr(text, "proj") and hasattr(text, "config"))
 
 
-def encode_hf_text_with_prompts(text: nn.Module, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+def encode_hf_text_with_prompts(text: nn.Module, tokens: torch.Tensor, prompts: torch.Tensor,
+                                cls_position: bool = False) -> torch.Tensor:
     """Projected text features ``(n, embed)`` of ``tokens`` (n, L) with ``prompts``
-    (n, P, hidden) inserted after the first token (see the module docstring)."""
+    (n, P, hidden) inserted after the first token; with ``cls_position`` the prompts take
+    [CLS]'s position and the words keep theirs (see the module docstring)."""
     pad = text.config.pad_token_id
     mask = (tokens != pad).long()
     words = text.transformer.get_input_embeddings()(tokens)
@@ -146,6 +159,11 @@ def encode_hf_text_with_prompts(text: nn.Module, tokens: torch.Tensor, prompts: 
     embeds = torch.cat([words[:, :1], p, words[:, 1:]], dim=1)
     ones = mask.new_ones(p.shape[:2])
     attn = torch.cat([mask[:, :1], ones, mask[:, 1:]], dim=1)
-    out = text.transformer(inputs_embeds=embeds, attention_mask=attn)
+    kw = {}
+    if cls_position:
+        n, length = tokens.shape
+        pos = torch.cat([tokens.new_zeros(1 + p.shape[1]), torch.arange(1, length, device=tokens.device)])
+        kw["position_ids"] = pos.unsqueeze(0).expand(n, -1)
+    out = text.transformer(inputs_embeds=embeds, attention_mask=attn, **kw)
     pool_mask = torch.cat([mask[:, :1], torch.zeros_like(ones), mask[:, 1:]], dim=1)
     return text.proj(text.pooler(out, pool_mask))

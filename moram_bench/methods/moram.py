@@ -13,8 +13,12 @@ Quirks of the official code, as switches (defaults in conf/method/moram.yaml):
 - ``fold_scale`` (default true): fold the training scale s into the values when freezing,
   so frozen atoms keep their effect; false reproduces the official LLM halving (s=2 during
   training, stored unscaled). Irrelevant for CLIP (s=1).
-- ``keep_null_atoms`` (default false): the official LLM code leaves r freshly initialised
-  keys with zero values in the memory after the last task; true reproduces that.
+- ``keep_null_atoms`` (default false): the official TRACE code appends the NEXT task's r
+  atoms (kaiming keys, zero values) before it saves and evaluates the model, so every row
+  of its accuracy matrix is evaluated with r "null atoms" in the memory (they take top-k
+  slots and dilute the normalisation, but add nothing). True reproduces that: after every
+  task r fresh atoms are appended, and they are the atoms the next task trains (after the
+  last task they stay, frozen). Fidelity, point by point: docs/FIDELITY.md (MoRAM).
 """
 from __future__ import annotations
 
@@ -42,15 +46,18 @@ class MoRAM(ContinualModule):
 
     def begin_task(self, task: int, data, restoring: bool) -> None:
         for mem in self.adapters().values():
+            if self.hp.keep_null_atoms and mem.n_current:
+                continue  # the null atoms appended after the previous task are this task's atoms
             mem.grow()  # freezes the previous task's atoms, appends r new ones
 
     def end_task(self, task: int, data, restoring: bool) -> None:
         last = task == len(self.stream) - 1
-        if last and self.hp.keep_null_atoms:
-            for mem in self.adapters().values():
-                mem.grow()  # official quirk: fresh keys, zero values, left in
         for mem in self.adapters().values():
             mem.freeze()
+            if self.hp.keep_null_atoms:
+                mem.grow()  # official TRACE: r fresh atoms (zero values) present at every evaluation
+                if last:
+                    mem.freeze()  # no task trains them any more
 
     def extra_metrics(self) -> dict:
         mems = list(self.adapters().values())
