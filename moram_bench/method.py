@@ -35,8 +35,10 @@ The hooks a method may override (every one has a default here; none needs ``supe
   ``adapters/aux_loss.py``; L2P's ``outputs["prompt_sim"]``).
 - ``text_prefix(prompt_ids, prompt_mask)``: text streams only, embeddings prepended to the
   LM's input (L2P-style prompts) and auxiliary outputs for the step.
-- ``extra_metrics()`` / ``display_name()``: facts recorded in metrics.json, and the name a
-  leaderboard row shows (default: the registered name).
+- ``extra_metrics()``: facts recorded in metrics.json (``method_settings``): switches that
+  change fairness, sizes, and ``display_name``, the name a leaderboard row shows when the
+  variant that runs is not what the registered name says (L2P on a CNN image tower:
+  ``l2p (text prompts)``).
 
 Shared helpers: ``adapters()`` (name -> injected adapter module; growing adapters share the
 vocabulary ``adapter.grow()`` to append this task's unit (atoms, expert, branch, LoRA) and
@@ -156,13 +158,9 @@ class ContinualModule(pl.LightningModule):
         return None, {}
 
     def extra_metrics(self) -> dict[str, Any]:
-        """Method facts recorded in metrics.json (switches that change fairness, sizes)."""
+        """Method facts recorded in metrics.json (switches that change fairness, sizes; a
+        ``display_name`` key names the leaderboard row when it differs from the method's)."""
         return {}
-
-    def display_name(self) -> str:
-        """The name a leaderboard row shows (recorded in metrics.json as ``display_name``):
-        the registered name unless the variant that runs differs from what it names."""
-        return self.method_name
 
     # ---- shared helpers -----------------------------------------------------------------
     def adapters(self) -> dict[str, nn.Module]:
