@@ -34,6 +34,8 @@ class Case:
     fragment: str = ""                              # must appear in the first line
     setup: Callable[[Path], None] | None = None     # prepares the output folder
     overrides: bool = True                          # prepend tiny_overrides(out)
+    command: str = "fit"                            # leaderboard: argv is [command, out]
+    line: str = ""                                  # exit 0: the output line that must appear
 
 
 def _state_is_a_list(out: Path) -> None:
@@ -44,6 +46,43 @@ def _state_is_a_list(out: Path) -> None:
 def _output_is_a_file(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("not a folder")
+
+
+_FINISHED: dict[str, Path] = {}
+
+
+def _finished_run(out: Path) -> None:
+    """A finished zero-shot run in ``out`` (made once per session, then copied)."""
+    import shutil
+    import tempfile
+
+    if "run" not in _FINISHED:
+        src = Path(tempfile.mkdtemp(prefix="finished-")) / "run"
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["fit", *tiny_overrides(src, "method=zeroshot", "stream.iterations=1")]) == 0
+        _FINISHED["run"] = src
+    shutil.copytree(_FINISHED["run"], out, ignore=shutil.ignore_patterns("cache"))
+
+
+def _finished_files_deleted(out: Path) -> None:
+    _finished_run(out)
+    (out / "matrix.csv").unlink()
+    (out / "metrics.json").unlink()
+
+
+def _checkpoint_deleted(out: Path) -> None:
+    """An unfinished run (1 of 3 tasks done) whose checkpoint was deleted."""
+    _finished_run(out)
+    state = json.loads((out / "run_state.json").read_text())
+    state.update(finished=False, completed_tasks=1)
+    (out / "run_state.json").write_text(json.dumps(state))
+    (out / "metrics.json").unlink()
+    (out / "checkpoint.pt").unlink(missing_ok=True)
+
+
+def _only_unfinished_runs(out: Path) -> None:
+    _checkpoint_deleted(out / "runs" / "a")
+    (out / "LEADERBOARD.md").write_text("# the old leaderboard\n")
 
 
 CASES = [
@@ -78,6 +117,14 @@ CASES = [
     Case("output_dir is a file", ["method=zeroshot"], setup=_output_is_a_file, fragment="is a file, not a folder"),
     Case("5000-character value", [f"seed={LONG}"], fragment="... (5002 characters)"),
     Case("5000-character method name", [f"method={LONG}"], fragment="characters)"),
+    Case("finished run, matrix.csv and metrics.json deleted", ["method=zeroshot"], setup=_finished_files_deleted,
+         fragment="says finished but metrics.json is missing"),
+    Case("checkpoint.pt deleted (1 of 3 tasks done)", ["method=zeroshot"], setup=_checkpoint_deleted, code=0,
+         line="checkpoint.pt is missing: starting again from task 0"),
+    Case("leaderboard: path is a file", command="leaderboard", setup=_output_is_a_file, overrides=False,
+         fragment="is a file, not a folder"),
+    Case("leaderboard: only unfinished runs", command="leaderboard", setup=_only_unfinished_runs, overrides=False,
+         code=1, fragment="no finished runs below"),
 ]
 
 
@@ -86,7 +133,10 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str, str]:
     out = tmp / "out"
     if case.setup:
         case.setup(out)
-    argv = ["fit"]
+    if case.command != "fit":
+        argv = [case.command, str(out)]
+    else:
+        argv = ["fit"]
     if case.config is not None or case.config_is_folder:
         path = tmp / "cfgdir" if case.config_is_folder else tmp / "user.yaml"
         if case.config_is_folder:
@@ -103,6 +153,8 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str, str]:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(std):
         code = main(argv)
     lines = [ln for ln in (err.getvalue().splitlines() or std.getvalue().splitlines()) if ln.strip()]
+    if code == 0 and case.line:  # a run that goes on: the line that says what happens
+        lines = [ln for ln in std.getvalue().splitlines() if case.line in ln] or lines
     return code, (lines[0] if lines else ""), err.getvalue() + std.getvalue()
 
 
@@ -110,6 +162,10 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str, str]:
 def test_bad_input_one_line_exit_2(case, tmp_path):
     code, first, output = run_case(case, tmp_path)
     assert code == case.code, output[-2000:]
+    assert "Traceback" not in output
+    if code == 0:
+        assert case.line in first, output[-2000:]
+        return
     errors = [ln for ln in output.splitlines() if ln.startswith("error: ")]
     assert "Traceback" not in output and len(errors) == 1, output[-2000:]
     assert first.startswith("error: ") and case.fragment in first, first
@@ -117,6 +173,8 @@ def test_bad_input_one_line_exit_2(case, tmp_path):
     out = tmp_path / "out"
     if case.setup is None:
         assert not out.exists(), sorted(out.rglob("*"))  # no folder left behind after a config error
+    if case.setup is _only_unfinished_runs:
+        assert (out / "LEADERBOARD.md").read_text() == "# the old leaderboard\n"  # the old file is kept
 
 
 # ---- item 6: the stated behaviours ------------------------------------------------------------
