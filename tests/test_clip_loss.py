@@ -94,6 +94,7 @@ def test_default_text_side_matches_the_official_formula():
     batch = batch_for(stream, task, [0, 0, 1, 2, 2, 2, 0, 1, 1])
     proto = ClipProtocol(FakeModule(stream, bb))
     assert proto.text_norm == "classes" and proto.seen_classes(task) == 7
+    assert stream.settings["clip_text_loss"] == "classes"  # recorded with the run
     ours, _ = proto.loss(batch, task)
     ref, ce_img, ce_txt = official_loss(bb, stream, batch["x"], batch["label"], task)
     torch.testing.assert_close(ours, ref)

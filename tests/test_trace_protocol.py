@@ -166,7 +166,9 @@ def test_trace_defaults_are_the_official_ones(tmp_path):
     assert st["max_answer_tokens"] == 512 and st["repetition_penalty"] == 1.2 and st["no_repeat_ngram_size"] == 3
     json.dumps(st)
     # our cheaper per-task caps remain a switch
-    s = build_trace(resolve_config(["stream=trace", f"data_dir={tmp_path}", "stream.max_new_tokens.Py150=64"]))
+    s = build_trace(resolve_config(["stream=trace", f"data_dir={tmp_path}", "stream.max_new_tokens={Py150: 64}"]))
     assert [t.max_new_tokens for t in s.tasks][3] == 64 and s.tasks[0].max_new_tokens == 512
+    s = build_trace(resolve_config(["stream=trace", f"data_dir={tmp_path}", "stream.max_new_tokens=32"]))
+    assert [t.max_new_tokens for t in s.tasks] == [32] * 8
     mini = resolve_config(["stream=trace-mini"]).stream
     assert mini.truncation_scope == "separate" and mini.loss_average == "token"

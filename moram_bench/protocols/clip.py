@@ -9,7 +9,8 @@ arrive as pixels or as cached trunk features (``is_feature``).
 
 Stream settings read here (``stream.<key>``, same for every method on a stream):
 ``clip_text_loss``: ``classes`` (default, the official normalisation: divided by the number
-of classes seen so far) or ``batch`` (divided by the global batch size).
+of classes seen so far) or ``batch`` (divided by the global batch size); the value used is
+written to the stream's settings (``clip_text_loss``), which metrics.json records.
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ class ClipProtocol:
         self.m = module
         self._eval_text: torch.Tensor | None = None
         self.text_norm = text_loss_norm(getattr(module, "run_cfg", None))
+        # recorded with the run (metrics.json stream_settings), like the training transform
+        module.stream.settings["clip_text_loss"] = self.text_norm
 
     @property
     def backbone(self):

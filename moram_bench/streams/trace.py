@@ -13,8 +13,8 @@ ROUGE-L F; Py150: edit similarity after restoring literal placeholders; ScienceQ
 character; NumGLUE-cm and NumGLUE-ds: numeric answer; 20Minuten: SARI with the prompt as
 source. Epochs per task 2,1,3,2,1,2,2,3 (the official MoRAM TRACE runner), unless
 ``stream.epochs`` (all tasks) is set. Decoding and loss follow the official runner by
-default: up to 512 new tokens for every task (``stream.max_new_tokens``, a per-task
-mapping in conf/stream/trace.yaml), prompt and answer truncated jointly
+default: up to 512 new tokens for every task (``stream.max_new_tokens``: null, one
+value, or a per-task mapping), prompt and answer truncated jointly
 (``truncation_scope: joint``), the start of MeetingBank's transcripts kept
 (``task_truncation``), the loss averaged per sample (``loss_average: sample``); see
 ``moram_bench.protocols.text``. ``stream.max_train`` / ``stream.max_test`` cap the splits
