@@ -162,7 +162,7 @@ def run_local(points, lcfg: DictConfig, *, results: Path, config_file: Optional[
               echo: Callable[[str], None] = print, log_path: Optional[Path] = None, argv=()) -> int:
     """Run the points that are not finished, ``lcfg.workers`` at a time; returns the exit
     code (0, 1 when a point failed, 130/143 when interrupted)."""
-    from .sweep import _fmt_duration, _log
+    from .sweep import _fmt_duration, _log, summarize
 
     workers = int(lcfg.workers)
     gpus = visible_gpus() if lcfg.get("gpus") is None else [str(g) for g in lcfg.gpus]
@@ -271,21 +271,8 @@ def run_local(points, lcfg: DictConfig, *, results: Path, config_file: Optional[
             for s, h in previous.items():
                 signal.signal(s, h if h is not None else signal.SIG_DFL)
 
-    count = {r: [p for p in points if p.result == r] for r in ("done", "skipped", "failed", "interrupted", "pending")}
-    echo(f"\nsweep: {len(count['done'])} run(s) finished now, {len(count['skipped'])} already finished, "
-         f"{len(count['failed'])} failed"
-         + (f", {len(count['interrupted'])} interrupted" if count["interrupted"] else "")
-         + (f", {len(count['pending'])} not started" if count["pending"] else "")
-         + f" ({_fmt_duration(time.time() - started)}, {workers} workers)")
-    for p in count["failed"]:
-        echo(f"  FAILED [{p.index + 1}/{total}] {p.label}: {p.error} ({p.out})")
-    _log(points, log_path, list(argv), started)
-    if stop:
-        signame = "SIGINT" if stop[0] == signal.SIGINT else "SIGTERM"
-        echo(f"interrupted by {signame}: run the same sweep again to continue "
-             "(finished runs are skipped, interrupted ones resume after their last finished task)")
-        return 128 + stop[0]
-    return 1 if count["failed"] else 0
+    return summarize(points, started, log_path, argv, echo, signum=stop[0] if stop else None,
+                     note=f", {workers} workers")
 
 
 # ---- slurm through submitit ----------------------------------------------------------------------

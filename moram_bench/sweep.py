@@ -375,19 +375,26 @@ def _run_points(points, config_file, force_subprocess, log_path, argv, runner, e
         if stopped is not None:
             break
 
+    return summarize(points, started, log_path, argv, echo, signum=stopped.signum if stopped else None)
+
+
+def summarize(points: list[GridPoint], started: float, log_path: Optional[Path], argv: list[str],
+              echo: Callable[[str], None], signum: Optional[int] = None, note: str = "") -> int:
+    """The end of a sweep (any launcher): the counts, the failures, the log; returns the
+    exit code (128 + ``signum`` when a signal stopped it, 1 when a point failed, else 0)."""
     count = {r: [p for p in points if p.result == r] for r in ("done", "skipped", "failed", "interrupted", "pending")}
     echo(f"\nsweep: {len(count['done'])} run(s) finished now, {len(count['skipped'])} already finished, "
          f"{len(count['failed'])} failed"
          + (f", {len(count['interrupted'])} interrupted" if count["interrupted"] else "")
          + (f", {len(count['pending'])} not started" if count["pending"] else "")
-         + f" ({_fmt_duration(time.time() - started)})")
+         + f" ({_fmt_duration(time.time() - started)}{note})")
     for p in count["failed"]:
-        echo(f"  FAILED [{p.index + 1}/{total}] {p.label}: {p.error} ({p.out})")
-    _log(points, log_path, argv, started)
-    if stopped is not None:
-        echo(f"interrupted by {stopped.signame}: run the same sweep again to continue "
-             "(finished runs are skipped, the interrupted one resumes after its last finished task)")
-        return stopped.exit_code
+        echo(f"  FAILED [{p.index + 1}/{len(points)}] {p.label}: {p.error} ({p.out})")
+    _log(points, log_path, list(argv), started)
+    if signum is not None:
+        echo(f"interrupted by {signal.Signals(signum).name}: run the same sweep again to continue "
+             "(finished runs are skipped, interrupted ones resume after their last finished task)")
+        return 128 + int(signum)
     return 1 if count["failed"] else 0
 
 
