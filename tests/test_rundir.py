@@ -148,31 +148,64 @@ def test_resuming_into_a_read_only_run_folder_fails_before_training(tiny_overrid
 
 # ---- items 2 and 3: signals (subprocess fits) -------------------------------------------------------
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# MoRAM whose training steps of task 2 are slow and announce themselves, so that a signal
+# lands inside Lightning's fit of task 2, after task 1 was saved
+SLOW_METHOD = """
+import os, time
+from pathlib import Path
+from moram_bench import registry
+
+Base = registry.METHODS["moram"]
 
 
-def fit_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "moram_bench", "fit", "stream=synthetic-tiny", "method=moram", "method.r=2",
-            "stream.iterations=40", f"output_dir={out}", f"cache_dir={out.parent}/cache",
-            "trainer.enable_progress_bar=false", "trainer.num_threads=1", *extra]
+@registry.register_method("slow-moram")
+class SlowMoRAM(Base):
+    \"\"\"MoRAM with slow training steps from task 2 on (tests of interruptions).\"\"\"
+
+    def training_step(self, batch, batch_idx):
+        if self.current_task >= 1:
+            Path(os.environ["MORAM_TEST_MARKER"]).write_text("training task 2")
+            time.sleep(0.5)
+        return super().training_step(batch, batch_idx)
+"""
+
+
+def fit_cmd(out: Path) -> list[str]:
+    plugin = out.parent / "plugin"
+    if not plugin.exists():
+        plugin.mkdir(parents=True)
+        (plugin / "slow_moram.py").write_text(SLOW_METHOD)
+        (plugin / "slow-moram.yaml").write_text((Path(rundir.__file__).parents[1] / "conf/method/moram.yaml").read_text())
+    return [sys.executable, "-m", "moram_bench", "fit", "stream=synthetic-tiny", "method=slow-moram", "method.r=2",
+            f"plugins=[{plugin}]", "stream.iterations=200", f"output_dir={out}", f"cache_dir={out.parent}/cache",
+            "trainer.enable_progress_bar=false", "trainer.num_threads=1"]
 
 
 def start_until_task_2(out: Path) -> subprocess.Popen:
-    """A fit that has finished task 1 and is training task 2."""
-    proc = subprocess.Popen(fit_cmd(out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """A fit that has saved task 1 and is inside Lightning's fit of task 2."""
+    marker = out.parent / "marker"
+    env = {**ENV, "MORAM_TEST_MARKER": str(marker)}
+    proc = subprocess.Popen(fit_cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    for line in proc.stdout:
-        if line.startswith("== task 2/3") or time.time() > deadline:
-            break
-    assert proc.poll() is None, "the run ended before task 2"
-    time.sleep(2.0)  # inside Lightning's fit of task 2
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None and marker.exists(), "the run never reached task 2's training"
     return proc
 
 
-def check_saved_after_task_1(out: Path) -> None:
+def stop_and_check(proc: subprocess.Popen, signum: int, out: Path) -> None:
+    """Send ``signum``: exit 128 + signum, one last line saying what is saved and how to
+    resume, and task 1's state and checkpoint intact, the lock released."""
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: interrupted by {signal.Signals(signum).name}; tasks 1-1 of 3 are saved in {out} (checkpoint.pt); "
+        "run the same command again to resume")
     state = json.loads((out / "run_state.json").read_text())
     assert state["completed_tasks"] == 1 and state["finished"] is False
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ckpt["completed_tasks"] == 1 and ckpt["rows"].shape == (2, 3)
+    assert ckpt["completed_tasks"] == 1 and ckpt["rows"].shape == (2, 3) and ckpt["grown_state"]
     assert not (out / "run.lock").exists()
 
 
@@ -182,28 +215,13 @@ def test_sigterm_exits_143_keeps_task_1_and_a_second_writer_is_refused_meanwhile
     proc = start_until_task_2(out)
     second = subprocess.run(fit_cmd(out), env=ENV, capture_output=True, text=True, timeout=600)
     assert second.returncode == 2, second.stderr
-    assert [line for line in second.stderr.splitlines() if line.strip()] == [
-        line for line in second.stderr.splitlines() if line.startswith("error: ")]
-    assert f"in use by pid {proc.pid} on {socket.gethostname()}" in second.stderr
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 143, err[-2000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted by SIGTERM; tasks 1-1 of 3 are saved in") and "resume" in last
-    check_saved_after_task_1(out)
-    resumed = subprocess.run(fit_cmd(out), env=ENV, capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stdout and json.loads((out / "run_state.json").read_text())["finished"] is True
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"in use by pid {proc.pid} on {socket.gethostname()}" in lines[0], second.stderr
+    stop_and_check(proc, signal.SIGTERM, out)
 
 
 @pytest.mark.slow
 def test_ctrl_c_while_lightning_trains_exits_130_and_says_what_was_saved(tmp_path):
     out = tmp_path / "run"
     proc = start_until_task_2(out)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
-    last = err.strip().splitlines()[-1]
-    assert last == (f"error: interrupted by SIGINT; tasks 1-1 of 3 are saved in {out} (checkpoint.pt); "
-                    "run the same command again to resume")
-    check_saved_after_task_1(out)
+    stop_and_check(proc, signal.SIGINT, out)
