@@ -21,13 +21,13 @@ Sections (printed as tables and written to the JSON file):
     ``t(layer) / t(frozen) - 1``.
 
     * ``floor`` (eval): ``(N d_in + k d_out) / (d_in d_out)``, the key projection plus the
-      selected values over the frozen product (the issue's definition).
+      selected values over the frozen product: what any exact top-k memory must compute.
     * ``floor`` (train): the multiply-adds no exact method avoids, over the frozen layer's
       forward + backward (``2 d_in d_out``): forward ``N d_in + k d_out``; backward
       ``min(N, d_in) d_in`` (the norm's gradient needs ``A^T p``, as ``A^T (c p)`` or with the
       Gram matrix), ``k (d_in + d_out)`` (selected keys and values) and ``2 r (d_in + d_out)``
       (current atoms' gradients).
-    * targets (from the performance issue): eval overhead <= 3 x floor at N = 160 and
+    * targets (this suite's performance goals for the layer): eval overhead <= 3 x floor at N = 160 and
       <= 1.5 x floor at N = 1600; train at least 1.5 x faster than the straightforward formula
       at N = 1600 and never slower (speedup >= 1) at any N.
 
@@ -207,7 +207,7 @@ def train_floor(n: int, k: int, r: int, d_in: int, d_out: int) -> float:
 
 
 def eval_target(n: int, floor: float) -> float | None:
-    """Largest acceptable eval overhead (None where the issue sets no target)."""
+    """Largest acceptable eval overhead (None where no target is set)."""
     return {160: 3.0 * floor, 1600: 1.5 * floor}.get(n)
 
 
