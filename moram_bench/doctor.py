@@ -16,8 +16,10 @@ all passed or were skipped, 2 for bad arguments):
   matrix up to ``DDP_TOL`` points; exact equality is reported when it holds);
 - with ``data_dir=PATH``: ``check-data`` of every real stream (a stream of which nothing is
   there is reported, not failed; a stream found in part is a failure);
-- an estimate of the real streams' wall time on this hardware from a few measured steps of
-  the real architectures (``moram_bench.rehearse.estimate``; ``--no-estimate`` skips it).
+- on a GPU, an estimate of X-TAIL's wall time on this hardware from a short rehearsal of
+  its first task on the real architecture with the whole label space
+  (``moram_bench.rehearse.estimate_report``; ``--no-estimate`` skips it, ``--estimate``
+  runs it on CPU too, where a ViT-B/16 step takes minutes).
 
 Without a GPU it says so and runs the CPU checks.
 """
@@ -313,7 +315,7 @@ def timed(fn: Callable[[], "Check | list[Check]"], name: str) -> list[Check]:
     return checks
 
 
-def run_checks(data_dir: Optional[str] = None, estimate: bool = True, cache_dir: Optional[str] = None,
+def run_checks(data_dir: Optional[str] = None, estimate: Optional[bool] = None, cache_dir: Optional[str] = None,
                ddp: bool = True, echo: Callable[[str], None] = print) -> list[Check]:
     """Run every check that applies to this machine, printing each result as it comes."""
     import torch
@@ -349,6 +351,12 @@ def run_checks(data_dir: Optional[str] = None, estimate: bool = True, cache_dir:
     else:
         checks.append(Check("real data", None, "no data_dir=PATH given"))
         echo(checks[-1].line())
+    if estimate is None:
+        estimate = bool(gpus)
+        if not gpus:
+            checks.append(Check("wall-time estimate", None, "skipped on CPU (a ViT-B/16 step takes minutes here); "
+                                                             "`rehearse stream=xtail` measures it, or pass --estimate"))
+            echo(checks[-1].line())
     if estimate:
         def est():
             from .rehearse import estimate_report
@@ -366,6 +374,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                  "wall-time estimate (exit 1 when a check fails)")
     parser.add_argument("overrides", nargs="*", help="data_dir=PATH (check the real streams' data), cache_dir=PATH")
     parser.add_argument("--no-estimate", action="store_true", help="skip the wall-time estimate")
+    parser.add_argument("--estimate", action="store_true", help="estimate the wall time on CPU too (slow)")
     parser.add_argument("--no-ddp", action="store_true", help="skip the 2-GPU DDP check")
     try:
         args = parser.parse_args(argv)
@@ -397,7 +406,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not cuda_devices():
         print("  no CUDA GPU found: running the CPU checks only")
     print("checks:")
-    checks = run_checks(opts.get("data_dir"), estimate=not args.no_estimate, cache_dir=opts.get("cache_dir"),
+    estimate = False if args.no_estimate else (True if args.estimate else None)
+    checks = run_checks(opts.get("data_dir"), estimate=estimate, cache_dir=opts.get("cache_dir"),
                         ddp=not args.no_ddp, echo=lambda s: print(s, flush=True))
     failed = [c for c in checks if c.ok is False]
     passed = sum(c.ok is True for c in checks)
