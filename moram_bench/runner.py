@@ -105,6 +105,9 @@ def set_threads(cfg: DictConfig) -> None:
             cores = os.cpu_count() or 1
         n = max(1, cores // processes_per_node(cfg))
     torch.set_num_threads(int(n))
+    # Lightning's DDP launcher resets the thread count to cores / processes unless
+    # OMP_NUM_THREADS is set (its ranks inherit it): export it, so the setting holds under DDP
+    os.environ["OMP_NUM_THREADS"] = str(int(n))
 
 
 def make_trainer(cfg: DictConfig, logger: RunLogger, callbacks: list, max_steps: int, label: str) -> pl.Trainer:
