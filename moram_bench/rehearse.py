@@ -16,7 +16,8 @@ A full-size dress rehearsal of a real stream without its data. It
    real architectures: CLIP ViT-B/16 with random weights (``backbone.pretrained=null
    backbone.allow_random=true``) for X-TAIL and MTIL; for TRACE the default text backbone
    when it can be built offline, else (or with ``--random-llm``) a Llama-shaped random model
-   whose size is set with ``backbone.hidden_size=... backbone.num_layers=...``
+   whose size is set with ``backbone.hidden_size=... backbone.num_layers=...`` (giving
+   any of these keys selects it)
    (``LLAMA_SHAPE``: SmolLM2-135M's shape by default; its tokenizer is byte-level, so
    texts are about 4x more tokens than with a BPE tokenizer, a pessimistic projection);
    with ``--steps`` training steps per task and one evaluation pass after each task over
@@ -395,6 +396,10 @@ def rehearse(stream: str, overrides: list[str], out: Path, steps: int = 2, test_
             write_trace(data_dir, TRACE_TASKS)
         full_over = base + list(overrides)
         user_backbone = any(o.startswith("backbone=") for o in overrides)
+        # backbone.<shape key>=... asks for the Llama-shaped random model
+        shaped = any(o.split("=", 1)[0][len("backbone."):] in LLAMA_SHAPE for o in overrides
+                     if o.startswith("backbone."))
+        random_llm = random_llm or (shaped and not user_backbone)
         why = None if (user_backbone or random_llm) else text_backbone_available(resolve_config(full_over))
         if random_llm or why:
             shape = [f"backbone.{k}={v}" for k, v in LLAMA_SHAPE.items()
