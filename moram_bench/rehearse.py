@@ -32,7 +32,7 @@ A full-size dress rehearsal of a real stream without its data. It
    encoding the label space, counted once per pass).
 
 ``--tasks N`` stops after N tasks (the projection uses the mean of the measured tasks for
-the others). The report is printed and written to ``OUT/rehearsal.json`` (``--out``,
+the others); Ctrl-C stops the rehearsal the same way and reports the tasks measured. The report is printed and written to ``OUT/rehearsal.json`` (``--out``,
 default ``results/rehearsal/<stream>``). Any ``fit`` override passes through
 (``method=seq-lora``, ``trainer.precision=bf16-mixed``, ``stream.batch_size=8``...).
 """
@@ -426,6 +426,7 @@ def rehearse(stream: str, overrides: list[str], out: Path, steps: int = 2, test_
     echo(f"rehearse {stream}: data written to {data_dir} ({_fmt(data_seconds)}); running {len(full_stream)} tasks "
          f"x {steps} steps, {test_items} test items per domain, method {cfg.method.name}, backbone {cfg.backbone.name}")
 
+    from .errors import RunInterrupted
     from .runner import run
 
     probe = make_probe(max_tasks)
@@ -436,6 +437,9 @@ def rehearse(stream: str, overrides: list[str], out: Path, steps: int = 2, test_
         run(cfg)
     except StopRehearsal:
         stopped = True
+    except (KeyboardInterrupt, RunInterrupted):  # Ctrl-C: report what was measured so far
+        stopped = True
+        echo("rehearsal interrupted: reporting the tasks measured so far")
     finally:
         undo()
     run_seconds = time.time() - t_run
