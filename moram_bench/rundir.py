@@ -198,7 +198,7 @@ def _writable(path: Path) -> Optional[str]:
     if not p.is_dir():
         return f"{p} is a file, not a folder"
     if not os.access(p, os.W_OK | os.X_OK):
-        return f"{p} is not writable"
+        return f"no write permission on {p}"
     return None
 
 
@@ -223,18 +223,16 @@ def plan_run(cfg, out: Path) -> Plan:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {str(out)!r} is a file, not a folder")
     where = _effective_dir(out) if out.is_dir() else out
-    state = read_state(where)
-    has_run = state is not None or any((where / f).exists() for f in (MATRIX, METRICS, CHECKPOINT))
-    if cfg.overwrite:
-        action = "replace" if has_run or (out / REPLACED).exists() else "new"
-        plan = Plan(out, action, state)
-    elif state is None:
+    if cfg.overwrite:  # whatever is there (even an unreadable state) is replaced
+        has_run = any((where / f).exists() for f in (STATE, MATRIX, METRICS, CHECKPOINT)) or (out / REPLACED).exists()
+        plan = Plan(out, "replace" if has_run else "new", _safe_state(where))
+    elif (state := read_state(where)) is None:
         plan = Plan(out, "new")
     else:
-        diff = config_difference(state, cfg) if state.get("config_hash") != config_hash(cfg) else []
         if state.get("config_hash") != config_hash(cfg):
-            raise ConfigError(f"output_dir {str(out)!r} holds a run with a different config "
-                              f"(differs in: {', '.join(diff) or 'details'}); use another output_dir or overwrite=true")
+            raise ConfigError(f"output_dir {str(out)!r} holds a run with a different config (differs in: "
+                              f"{', '.join(config_difference(state, cfg)) or 'details'}); "
+                              "use another output_dir or overwrite=true")
         if state.get("finished"):
             if not (where / METRICS).exists():
                 raise ConfigError(f"{where / STATE} says finished but {METRICS} is missing; "
@@ -245,7 +243,7 @@ def plan_run(cfg, out: Path) -> Plan:
     if plan.action != "finished":
         why = _writable(out)
         if why:
-            raise ConfigError(f"output_dir {str(out)!r} cannot be written ({why}); nothing was run")
+            raise ConfigError(f"output_dir {str(out)!r} is not writable: {why}; nothing was run")
         for name in (STATE, MATRIX, CHECKPOINT):
             f = out / name
             if f.exists() and not os.access(f, os.W_OK):

@@ -300,6 +300,9 @@ def run(cfg: DictConfig) -> Path | None:
     setup_start = time.time()
     plan = rundir.preflight(cfg)
     if plan.action == "finished":
+        if (plan.out / rundir.REPLACED).exists():  # a replacement killed before its first task
+            with rundir.RunDir(plan):  # is undone (the finished run comes back)
+                pass
         say(f"run already finished: {plan.out} ({rundir.MATRIX}, {rundir.METRICS}). Pass overwrite=true to run it again.")
         return None
     set_threads(cfg)

@@ -88,6 +88,19 @@ def test_a_replaced_run_is_put_back_when_the_new_one_fails_before_its_first_task
         assert not (out / ".replaced").exists()
 
 
+def test_overwrite_replaces_even_an_unreadable_state_and_a_file_is_no_run_folder(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_state.json").write_text("[1, 2]")  # a list, not a state
+    overwrite = type("Cfg", (), {"overwrite": True})()
+    assert rundir.plan_run(overwrite, out).action == "replace"
+    with pytest.raises(ConfigError, match="does not hold a run state.*overwrite=true"):
+        rundir.plan_run(type("Cfg", (), {"overwrite": False})(), out)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        rundir.plan_run(overwrite, tmp_path / "file")
+
+
 def test_overwrite_replaces_a_finished_run_and_leaves_nothing_aside(tiny_overrides, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["fit", *tiny_overrides(out, "method=zeroshot")]) == 0
