@@ -274,8 +274,10 @@ def test_empty_feature_cache_file_is_rebuilt(tmp_path):
     assert logs and logs[0].startswith("loaded cached image features")  # the rewritten file is complete
 
 
-@pytest.mark.parametrize("broken", ["weights", "config", "record"])
+@pytest.mark.parametrize("broken", ["weights", "config", "record", "standardise"])
 def test_corrupt_mini_clip_cache_is_rebuilt_once(tmp_path, monkeypatch, broken):
+    import torch
+
     from moram_bench.backbones import mini_clip as mc
     from moram_bench.config import ConfigError
 
@@ -286,11 +288,14 @@ def test_corrupt_mini_clip_cache_is_rebuilt_once(tmp_path, monkeypatch, broken):
         f.mkdir(parents=True, exist_ok=True)
         (f / mc.WEIGHTS_FILE).write_bytes(b"rebuilt")
         (f / mc.BUILD_INFO_FILE).write_text("{}")
+        from safetensors.torch import save_file
+
+        save_file({"mean": torch.zeros(2), "std": torch.ones(2)}, str(f / mc.STANDARDISE_FILE))
 
     def load(f):  # the real loader, unless the folder is the rebuilt one
         if (f / mc.WEIGHTS_FILE).read_bytes() == b"rebuilt":
             return "model", "preprocess", "tokenizer"
-        if broken == "record":  # weights and config fine: only the build record is garbage
+        if broken in ("record", "standardise"):  # weights and config fine: only this file is garbage
             return "model", "preprocess", "tokenizer"
         return real_load(f)
 
@@ -298,10 +303,13 @@ def test_corrupt_mini_clip_cache_is_rebuilt_once(tmp_path, monkeypatch, broken):
     (folder / mc.WEIGHTS_FILE).write_bytes(b"\x00truncated" if broken == "weights" else b"ok")
     (folder / "open_clip_config.json").write_text('{"model_cfg": {"text_cfg": {}}' if broken == "config" else "{}")
     (folder / mc.BUILD_INFO_FILE).write_text('{"seconds": ' if broken == "record" else "{}")
+    settings = {"image_side": "tokens"} if broken == "standardise" else {}
+    if broken == "standardise":
+        (folder / mc.STANDARDISE_FILE).write_bytes(b"\x08\x00\x00\x00truncated")
     monkeypatch.setattr(mc, "build_aligned", fake_build)
     monkeypatch.setattr(mc, "load_cached", load)
     logs: list[str] = []
-    assert mc.load_or_build({}, folder, log=logs.append) == ("model", "preprocess", "tokenizer", True)
+    assert mc.load_or_build(settings, folder, log=logs.append) == ("model", "preprocess", "tokenizer", True)
     assert any("unreadable" in m and "rebuilding it" in m for m in logs), logs
     assert not list(tmp_path.glob("mini-clip/.key.corrupt-*"))
 

@@ -393,7 +393,7 @@ def load_cached(folder: Path):
 
 def load_or_build(settings: dict[str, Any], folder: Path, log: Callable = print):
     """``load_cached``, building the cache first when absent. A cache that cannot be read
-    (truncated or garbage weights, config JSON or build record) is moved aside and rebuilt
+    (truncated or garbage weights, config JSON, build record or standardisation file) is moved aside and rebuilt
     once; if that fails too, a one-line ConfigError names the folder to delete.
     Returns (model, preprocess, tokenizer, built_now)."""
     from ..config import ConfigError
@@ -407,6 +407,11 @@ def load_or_build(settings: dict[str, Any], folder: Path, log: Callable = print)
             record = folder / BUILD_INFO_FILE
             if record.is_file() and not isinstance(json.loads(record.read_text()), dict):
                 raise ValueError(f"{BUILD_INFO_FILE} holds no mapping")
+            if settings.get("image_side") == "tokens":  # the pooled features' standardisation
+                from safetensors.torch import load_file
+
+                if not {"mean", "std"} <= set(load_file(str(folder / STANDARDISE_FILE))):
+                    raise ValueError(f"{STANDARDISE_FILE} lacks mean/std")
             return (*load_cached(folder), built)
         except Exception as e:  # noqa: BLE001  (safetensors, json, open_clip: any unreadable file)
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
