@@ -328,6 +328,18 @@ def test_lifecycle_checkpoint_and_resume_replay():
     assert len(facts["expert_usage"]) == 4
 
 
+def test_batch_ddas_switch_gives_one_router_per_batch():
+    m = build("method.ddas_iterations=20", "method.ddas_batch=true")
+    dm = data(m)
+    for t in range(2):
+        m.meta_begin_task(t, dm)
+        m.meta_end_task(t, dm)
+    batch = {"x": torch.cat([image_batch(m, n=3, task=0)["x"], image_batch(m, n=3, task=1)["x"]])}
+    routes = m.choose_routes(batch)
+    assert routes.shape == (6,) and (routes == routes[0]).all()
+    assert m.display_name() == "moe-adapters (batch DDAS)" and m.extra_metrics()["ddas_batch"] is True
+
+
 # ------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_fit_synthetic_tiny_with_routing_report(tmp_path):
