@@ -29,8 +29,9 @@ Placement (``placement: auto``), the most faithful one the backbone allows:
   embedding stays frozen. Naively this is B x C text forwards per batch; images that
   select the same prompt SET share one pass (prompts are concatenated in pool-index order,
   see prompts.py), so the cost is U x C with U the number of distinct sets in the batch
-  (U <= B; typically a handful), with C the current task's classes in training and the
-  whole label space at test time (in chunks of ``text_chunk`` sequences). This grouping is
+  (U <= B), with C the current task's classes in training and the whole label space at
+  test time (in chunks of ``text_chunk`` sequences); during an evaluation (model frozen)
+  each distinct set's class embeddings are encoded once and reused by later batches. This grouping is
   exact: nothing is shared across images that selected different prompts. A batch-level
   union of prompts is NOT used (it would leak across samples). This text-side design is
   AttriCLIP's (Wang et al., CVPR 2023), with L2P's pool, selection and pull loss; its
@@ -39,8 +40,12 @@ Placement (``placement: auto``), the most faithful one the backbone allows:
 
 Switches (conf/method/l2p.yaml):
 - ``batch_voting`` (default false): the official code gives the whole batch the ``top_n``
-  prompts chosen most often in the batch, at test time too; that leaks task identity when a
-  test batch holds one task. Recorded in metrics.json (method_settings).
+  prompts chosen most often in the batch, at test time too (``true``); that leaks task
+  identity when a test batch holds one task. Recorded in metrics.json (method_settings).
+- ``train_batch_voting`` (default false): vote in training only (the official training
+  step; test images keep their own selection): one prompt set per batch, so the text
+  placement encodes the task's classes once per step instead of once per distinct set
+  (many times cheaper on xtail-mini, see docs/FIDELITY.md).
 - ``pull_sum_over_selected`` (default true, the official code): the pull term sums the
   ``top_n`` selected cosines per sample and averages over the batch; false takes their
   mean (``top_n`` times weaker; this project's earlier default).
@@ -89,6 +94,7 @@ class PromptedClipProtocol(ClipProtocol):
     def __init__(self, module: "L2P"):
         super().__init__(module)
         self._eval_tokens: torch.Tensor | None = None
+        self._eval_text: dict[tuple, torch.Tensor] = {}  # (class slice, prompt set) -> class embeddings
 
     # ---- image placement: the hook prompts the image tower --------------------------
     def _with_image_prompts(self, sel: Selection, fn):
@@ -168,6 +174,7 @@ class PromptedClipProtocol(ClipProtocol):
             super().on_eval_start()  # class embeddings are un-prompted and frozen
         else:
             self._eval_tokens = self.backbone.tokenize(self.stream.all_prompts()).to(self.m.device)
+            self._eval_text = {}
 
     def logits(self, batch: dict, task: int) -> torch.Tensor:
         if not self.m.prompting:
@@ -175,11 +182,29 @@ class PromptedClipProtocol(ClipProtocol):
         sel = self.m.select(batch)
         if self.m.placement == "image":
             return self._with_image_prompts(sel, lambda: ClipProtocol.logits(self, batch, task))
-        return self._text_logits(batch, sel, self._eval_tokens[self.stream.class_slice(task)])[0]
+        return self._eval_text_logits(batch, sel, self.stream.class_slice(task))
+
+    @torch.no_grad()
+    def _eval_text_logits(self, batch: dict, sel: Selection, classes: slice) -> torch.Tensor:
+        """Evaluation logits of the text placement: the model is frozen during an evaluation,
+        so each distinct prompt set's class embeddings are encoded once per evaluation and
+        reused by every later batch that selects the same set (the same numbers as encoding
+        them per batch)."""
+        uniq, inv = unique_selections(sel.idx)
+        keys = [(classes.start, classes.stop, tuple(row.tolist())) for row in uniq]
+        missing = [i for i, k in enumerate(keys) if k not in self._eval_text]
+        if missing:
+            text, _ = self.prompted_text(uniq[missing], self._eval_tokens[classes])
+            for j, i in enumerate(missing):
+                self._eval_text[keys[i]] = text[j]
+        text = torch.stack([self._eval_text[k] for k in keys])           # (U, C, e)
+        img = self.encode_images(batch)
+        return torch.einsum("be,bce->bc", img, text[inv])
 
     def on_eval_end(self) -> None:
         super().on_eval_end()
         self._eval_tokens = None
+        self._eval_text = {}
 
 
 @register_method("l2p")
@@ -269,7 +294,7 @@ class L2P(ContinualModule):
         if not self.prompting:
             return None, {}
         sel = self.pool.select(self._llm_query(prompt_ids, prompt_mask), int(self.hp.top_n),
-                               batch_voting=bool(self.hp.batch_voting))
+                               batch_voting=self.voting())
         return self.pool.tokens(sel.idx), {"prompt_sim": sel.sim}
 
     def begin_task(self, task: int, data, restoring: bool) -> None:
@@ -303,7 +328,12 @@ class L2P(ContinualModule):
         return (q.mean(1) if q.dim() == 3 else q).float()  # a token trunk (mini-clip tokens): mean token
 
     def select(self, batch: dict) -> Selection:
-        return self.pool.select(self.query(batch), int(self.hp.top_n), batch_voting=bool(self.hp.batch_voting))
+        return self.pool.select(self.query(batch), int(self.hp.top_n), batch_voting=self.voting())
+
+    def voting(self) -> bool:
+        """Whether this selection votes across the batch (``batch_voting``, or
+        ``train_batch_voting`` while training)."""
+        return bool(self.hp.batch_voting) or (bool(self.hp.get("train_batch_voting", False)) and self.training)
 
     # ---- loss ----------------------------------------------------------------------------------
     def extra_loss(self, batch: dict, outputs: dict) -> torch.Tensor | None:
@@ -318,6 +348,7 @@ class L2P(ContinualModule):
         # the leaderboard row name: on a CNN image tower this is a text-prompt variant
         name = "l2p (text prompts)" if self.placement == "text" else "l2p"
         return {"display_name": name, "placement": self.placement, "batch_voting": bool(h.batch_voting),
+                "train_batch_voting": bool(h.get("train_batch_voting", False)),
                 "pool_size": int(h.pool_size), "prompt_length": int(h.prompt_length), "top_n": int(h.top_n),
                 "pull_lambda": float(h.pull_lambda), "pull_sum_over_selected": bool(h.pull_sum_over_selected),
                 "prompt_cls_position": bool(h.prompt_cls_position), "prompt_order": "pool index",

@@ -575,3 +575,31 @@ def test_olora_loss_terms_match_the_official_trainer(squared):
     else:
         l2 = sum(torch.sqrt((layer.A ** 2).sum()) + torch.sqrt((layer.B ** 2).sum()) for layer in layers.values())
     assert got.item() == pytest.approx((0.5 * orth + 0.3 * l2).item(), rel=1e-6)
+
+
+def test_l2p_text_placement_encodes_each_prompt_set_once_per_evaluation():
+    """Evaluation reuses a prompt set's class embeddings across batches (the model is
+    frozen), with the same logits as encoding them per batch."""
+    m = build("l2p", backbone=_tiny_hf_text_backbone())
+    begin(m, 0)
+    with torch.no_grad():
+        m.pool.keys.normal_()
+    batch = {"x": torch.randn(6, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    calls = []
+    encode = m.protocol.prompted_text
+    m.protocol.prompted_text = lambda idx, tokens: calls.append(len(idx)) or encode(idx, tokens)
+    m.eval()
+    with torch.no_grad():
+        m.protocol.on_eval_start()
+        first = m.protocol.logits(batch, 0)
+        again = m.protocol.logits(batch, 0)             # every set is cached: nothing encoded
+        m.protocol.on_eval_end()
+    n_sets = len(torch.unique(m.select(batch).idx, dim=0))
+    assert calls == [n_sets] and torch.equal(first, again)
+    assert torch.allclose(first, eval_logits(m, batch), atol=1e-6)  # a fresh evaluation agrees
+    m.train()
+    # training never uses the cache: each step encodes its own sets (and votes if asked)
+    m.hp.train_batch_voting = True
+    assert m.voting() is True
+    m.eval()
+    assert m.voting() is False  # test images keep their own selection
