@@ -364,10 +364,20 @@ def submit_slurm(points, lcfg: DictConfig, *, results: Path, config_file: Option
         echo("sweep: nothing to submit (every point is finished, queued or running); see sweep --status")
         return 0
     folder = slurm_folder(lcfg, results)
-    executor = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=int(lcfg.max_requeues))
-    executor.update_parameters(**slurm_parameters(lcfg, todo))
-    with executor.batch():
-        jobs = [executor.submit(FitJob(p.overrides, str(p.out), config_file)) for p in todo]
+    try:
+        executor = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=int(lcfg.max_requeues))
+    except RuntimeError:  # submitit looks for srun
+        raise ConfigError("launcher=slurm: no SLURM here (srun not found); run the sweep on the cluster's "
+                          "login node, or use launcher=local workers=N") from None
+    try:
+        executor.update_parameters(**slurm_parameters(lcfg, todo))
+    except ValueError as e:
+        raise ConfigError(f"launcher=slurm: {str(e).splitlines()[0]}") from None
+    try:
+        with executor.batch():
+            jobs = [executor.submit(FitJob(p.overrides, str(p.out), config_file)) for p in todo]
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+        raise ConfigError(f"sbatch refused the job array: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") from None
     array_id = str(jobs[0].job_id).split("_")[0]
     record = {"launcher": "slurm", "job_id": array_id, "folder": str(folder), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "points": {str(p.out): {"index": p.index, "job_id": str(j.job_id), "log": str(j.paths.stdout),

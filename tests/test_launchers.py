@@ -83,6 +83,12 @@ def fake_slurm(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_slurm_launcher_without_slurm_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    assert sweep_main([*TINY, "launcher=slurm", "--results", str(tmp_path / "r")]) == 2
+    assert "error: launcher=slurm: no SLURM here (srun not found)" in capsys.readouterr().err
+
+
 def _submissions(folder: Path) -> list:
     return [pickle.loads(p.read_bytes()) for p in sorted(folder.rglob("*_submitted.pkl"))]
 
