@@ -236,13 +236,15 @@ def comparison_figure(panels: Sequence[dict], title: Optional[str] = None) -> Fi
     T_max = max(len(p["task_names"]) for p in panels)
     fig = _new_figure((max(11.0, 6.0 + 0.9 * T_max), 4.6 * len(panels)))
     axes = fig.subplots(len(panels), 2, squeeze=False, gridspec_kw={"width_ratios": [1.4, 1.0]})
-    colors = [f"C{i}" for i in range(10)]
+    # one colour per method across the panels (in order of first appearance)
+    labels = list(dict.fromkeys(s["label"] for p in panels for s in p["series"] if not s.get("reference")))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     for (ax_c, ax_t), panel in zip(axes, panels):
         names = [str(n) for n in panel["task_names"]]
         T = len(names)
         x = np.arange(1, T + 1)
-        for i, s in enumerate(panel["series"]):
-            color = "grey" if s.get("reference") else colors[i % len(colors)]
+        for s in panel["series"]:
+            color = "grey" if s.get("reference") else colors[s["label"]]
             style = "--" if s.get("reference") else "-"
             if len(s["curve"]) != T:
                 raise ValueError(f"{s['label']}: {len(s['curve'])} curve points for {T} tasks")

@@ -538,11 +538,26 @@ def test_a_second_domain_order_is_a_separate_table_labelled_by_its_order(tmp_pat
     main, held_out = lb.tables  # the table with more runs first
     assert main.title == "xtail-mini, task order alpha → beta" and len(main.rows) == 2
     assert held_out.title == "xtail-mini, task order beta → alpha" and len(held_out.rows) == 1
+    # the differing setting is named, the order itself only once (in the title)
+    assert main.describe().endswith("stream.domains=default") and "stream.domains" not in held_out.describe()
     md = L.render_markdown(lb)
     assert "## xtail-mini, task order alpha → beta" in md and "## xtail-mini, task order beta → alpha" in md
     assert "task order beta $\\rightarrow$ alpha" in L.render_latex(lb)
     orders = [r["task_order"] for r in csv.DictReader(io.StringIO(L.render_csv(lb)))]
     assert orders == ["alpha;beta", "alpha;beta", "beta;alpha"]
+
+
+def test_equal_sized_tables_put_the_default_settings_first(tmp_path):
+    def with_domains(out, domains):
+        met = json.loads((out / "metrics.json").read_text())
+        met["config"]["stream"]["domains"] = domains
+        IO.atomic_write_json(out / "metrics.json", met)
+
+    with_domains(make_run(tmp_path, "moram", 0, MORAM[0][0], subdir="a/seed0"), ["a", "b"])
+    with_domains(make_run(tmp_path, "moram", 0, MORAM[1][0], subdir="z/seed0"), None)
+    lb = L.aggregate(L.collect_runs(tmp_path))
+    assert [t.distinct["stream.domains"] for t in lb.tables] == [None, ["a", "b"]]
+    assert "The table's one run: 12.0 s." in L.render_markdown(lb)
 
 
 def test_training_through_the_evaluation_transform_is_stated(tmp_path):

@@ -185,6 +185,12 @@ def test_comparison_figure_lines_bands_and_error_bars(tmp_path):
         points[container.get_label()] = (float(line.get_xdata()[0]), float(line.get_ydata()[0]))
     assert points == {"moram": (62.0, 8.0), "seq-lora": (75.0, 21.0), "zeroshot": (12.0, 0.0)}
     assert ax_trade.get_xlabel().startswith("plasticity") and ax_trade.get_ylabel().startswith("forgetting")
+    # a method keeps its colour in every panel, even when the panels hold other methods
+    second = _panel(NAMES[:2], with_ci=False)
+    second["series"] = second["series"][1:]  # no moram here
+    fig2 = plots.comparison_figure([_panel(NAMES[:3]), second])
+    colour = {ax_i: {ln.get_label(): ln.get_color() for ln in fig2.axes[ax_i].get_lines()} for ax_i in (0, 2)}
+    assert colour[0]["seq-lora"] == colour[2]["seq-lora"] != colour[0]["moram"]
     path = plots.comparison_png([_panel(NAMES[:3]), _panel(NAMES[:2], with_ci=False)], tmp_path / "s.png")
     w, h = _check_png(path)
     assert h > w / 2  # two lines of plots, one per table (e.g. two task orders)

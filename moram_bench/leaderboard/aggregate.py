@@ -131,8 +131,12 @@ class Table:
         # a null cap (max_train, max_test, ...) means "no cap": say "all", not "None"
         parts += [f"{k.replace('_', ' ')}: {'all' if v is None and k.startswith('max_') else short_value(v)}"
                   for k, v in self.protocol.items() if k not in HIDDEN_PROTOCOL_KEYS]
-        parts += [f"{k}={short_value(v, 32)}" for k, v in self.distinct.items()
-                  if not (k.startswith("stream.") and k[len("stream."):] in self.protocol)]
+        for k, v in self.distinct.items():
+            if k.startswith("stream.") and k[len("stream."):] in self.protocol:
+                continue  # shown above
+            if self.show_order and isinstance(v, (list, tuple)) and [str(x) for x in v] == self.task_names:
+                continue  # the task order, in the title
+            parts.append(f"{k}={'default' if v is None else short_value(v, 32)}")
         return "; ".join(p for p in parts if p)
 
     @property
@@ -311,8 +315,10 @@ def aggregate(runs: Sequence[RunRecord], references: bool = True) -> Leaderboard
             for t in same:
                 t.distinct = {k: t.setup.get(k) for k in differing}
                 t.show_order = len(orders) > 1
-    # per stream, the table with the most runs first (the main protocol), then a fixed order
-    out_tables.sort(key=lambda t: (t.stream, -sum(r.n for r in t.rows), t.backbone, t.weights,
+    # per stream the main protocol first: the most runs, then the most rows, then the table
+    # at default settings (fewest differing settings that are set), then a fixed order
+    out_tables.sort(key=lambda t: (t.stream, -sum(r.n for r in t.rows), -len(t.rows),
+                                   sum(v is not None for v in t.distinct.values()), t.backbone, t.weights,
                                    canon(t.protocol), canon(t.setup)))
     problems.sort(key=lambda r: str(r.path))
     return Leaderboard(tables=out_tables, problems=problems, num_runs=len(runs))

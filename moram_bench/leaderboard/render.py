@@ -104,8 +104,9 @@ def timing_line(table: Table) -> str:
     total = sum((g.costs.get("train_seconds") or 0.0) + (g.costs.get("eval_seconds") or 0.0)
                 for r in table.rows for g in r.runs)
     n = sum(r.n for r in table.rows)
+    whole = f"All {n} runs of this table: " if n != 1 else "The table's one run: "
     return (f"Time per run (training + evaluation, mean over seeds): {'; '.join(parts)}. "
-            f"All {n} run{'s' if n != 1 else ''} of this table: {format_seconds(total)}.")
+            f"{whole}{format_seconds(total)}.")
 
 
 def transform_line(table: Table) -> str:
