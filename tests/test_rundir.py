@@ -183,22 +183,27 @@ class SlowMoRAM(Base):
 """
 
 
-def fit_cmd(out: Path) -> list[str]:
-    plugin = out.parent / "plugin"
+def slow_args(where: Path) -> list[str]:
+    """Overrides of a MoRAM run whose task 2 trains slowly (plugin files in ``where``)."""
+    plugin = where / "plugin"
     if not plugin.exists():
         plugin.mkdir(parents=True)
         (plugin / "slow_moram.py").write_text(SLOW_METHOD)
         (plugin / "slow-moram.yaml").write_text((Path(rundir.__file__).parents[1] / "conf/method/moram.yaml").read_text())
-    return [sys.executable, "-m", "moram_bench", "fit", "stream=synthetic-tiny", "method=slow-moram", "method.r=2",
-            f"plugins=[{plugin}]", "stream.iterations=200", f"output_dir={out}", f"cache_dir={out.parent}/cache",
-            "trainer.enable_progress_bar=false", "trainer.num_threads=1"]
+    return ["stream=synthetic-tiny", "method=slow-moram", "method.r=2", f"plugins=[{plugin}]", "stream.iterations=200",
+            f"cache_dir={where}/cache", "trainer.enable_progress_bar=false", "trainer.num_threads=1"]
 
 
-def start_until_task_2(out: Path) -> subprocess.Popen:
-    """A fit that has saved task 1 and is inside Lightning's fit of task 2."""
+def fit_cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "moram_bench", "fit", *slow_args(out.parent), f"output_dir={out}"]
+
+
+def start_until_task_2(out: Path, cmd: list[str] | None = None) -> subprocess.Popen:
+    """A fit (or ``cmd``) that has saved task 1 and is inside Lightning's fit of task 2."""
     marker = out.parent / "marker"
     env = {**ENV, "MORAM_TEST_MARKER": str(marker)}
-    proc = subprocess.Popen(fit_cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd or fit_cmd(out), env=env, stdout=subprocess.PIPE if cmd else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -238,3 +243,19 @@ def test_ctrl_c_while_lightning_trains_exits_130_and_says_what_was_saved(tmp_pat
     out = tmp_path / "run"
     proc = start_until_task_2(out)
     stop_and_check(proc, signal.SIGINT, out)
+
+
+@pytest.mark.slow
+def test_an_in_process_sweep_stopped_by_sigterm_writes_its_summary_and_log_and_exits_143(tmp_path):
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "moram_bench", "sweep", *slow_args(tmp_path), "seed=0,1", "--results", str(results)]
+    proc = start_until_task_2(tmp_path / "run", cmd)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "1 interrupted, 1 not started" in out and "interrupted by SIGTERM: run the same sweep again" in out
+    (log,) = (results / "sweeps").glob("sweep-*.json")
+    assert [p["result"] for p in json.loads(log.read_text())["points"]] == ["interrupted", "pending"]
+    run0 = results / "runs" / "synthetic-tiny" / "slow-moram" / "seed0"
+    assert json.loads((run0 / "run_state.json").read_text())["completed_tasks"] == 1
+    assert not list((results / "sweeps").glob("*.lock")) and not (run0 / "run.lock").exists()
