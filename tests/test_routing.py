@@ -189,12 +189,11 @@ def test_moram_module_on_the_synthetic_stream(tmp_path):
     if "synthetic-tiny" not in registry.STREAMS:
         pytest.skip("the synthetic-tiny stream is not available")
     from moram_bench.data import TaskStreamDataModule
-    from moram_bench.runner import build_backbone, build_stream
 
     cfg = resolve_config(["stream=synthetic-tiny", "method=moram", "method.r=2", "stream.num_tasks=2",
                           "stream.test_per_class=2", f"cache_dir={tmp_path}/cache"])
-    stream = build_stream(cfg)
-    backbone = build_backbone(cfg)
+    stream = registry.STREAMS[cfg.stream.name](cfg)
+    backbone = registry.BACKBONES[cfg.backbone.name](cfg)
     module = registry.METHODS["moram"](cfg, stream, backbone)
     for t in range(len(stream)):
         module.meta_begin_task(t, None)
