@@ -4,9 +4,9 @@ Resolution order (later wins):
 
 1. ``conf/config.yaml`` (top-level defaults),
 2. ``conf/stream/<stream>.yaml``, ``conf/backbone/<backbone>.yaml`` and
-   ``conf/method/<method>.yaml`` (or ``<method>.yaml`` beside a plugin's file, or the
-   method class's ``default_config``); a method YAML may hold an ``image:`` and a
-   ``text:`` block, merged over its top level for streams of that modality,
+   ``conf/method/<method>.yaml`` (or ``<method>.yaml`` beside a plugin's file); a method
+   YAML may hold an ``image:`` and a ``text:`` block, merged over its top level for
+   streams of that modality,
 3. the user's ``--config FILE``,
 4. command-line ``key=value`` overrides.
 
@@ -103,9 +103,6 @@ def _group_defaults(group: str, name: str, modality: str | None) -> DictConfig:
         cfg = OmegaConf.merge(_group_defaults(group, target, modality), cfg)
         cfg.pop("name")
     if group == "method":
-        cls = registry.METHODS[name]
-        base = OmegaConf.create(getattr(cls, "default_config", {}) or {})
-        cfg = OmegaConf.merge(base, cfg)
         blocks = {b: cfg.pop(b) for b in MODALITY_BLOCKS if b in cfg}
         if modality in blocks and blocks[modality] is not None:
             cfg = OmegaConf.merge(cfg, blocks[modality])
