@@ -222,7 +222,7 @@ class Run:
             torch.save(ckpt, tmp)
             os.replace(tmp, self.out / CHECKPOINT)
             M.atomic_write_json(self.out / STATE, self.state(False))
-        self.rd.task_done(self.completed)
+            self.rd.task_done(self.completed)
 
     def execute(self, plan: rundir.Plan, setup_start: float) -> dict:
         """Resume (or start), row 0, every remaining task, then the final files."""
@@ -247,6 +247,8 @@ class Run:
         if self.completed:
             return (f"tasks 1-{self.completed} of {T} are saved in {self.out} ({CHECKPOINT}); "
                     "run the same command again to resume")
+        if self.rd.plan.action == "replace":
+            return f"no task was finished, the previous run in {self.out} is put back; run the same command again"
         return f"no task was finished, nothing trained is saved in {self.out}; run the same command again to start"
 
     def evaluate(self, data, extra_callbacks: tuple = ()) -> list[float]:
