@@ -478,15 +478,14 @@ def _report(stream, cfg, full_stream, full_steps, full_test, probe, notes, out, 
     per_item = np.zeros(T)
     counts = np.zeros(T)
     fixed = []
-    for p in passes:
-        if "seconds" not in p:
-            continue
+    for p in passes:  # an interrupted pass still gives the per-item cost of the domains it scored
         batch_total = 0.0
         for d, v in p["domains"].items():
             per_item[d] += v["seconds"]
             counts[d] += v["items"]
             batch_total += v["seconds"]
-        fixed.append(max(0.0, p["seconds"] - batch_total))
+        if "seconds" in p:
+            fixed.append(max(0.0, p["seconds"] - batch_total))
     per_item = np.where(counts > 0, per_item / np.maximum(counts, 1), np.nan)
     per_item = np.where(np.isnan(per_item), np.nanmean(per_item) if np.isfinite(per_item).any() else 0.0, per_item)
     pass_proj = float(np.mean(fixed) if fixed else 0.0) + float(np.dot(per_item, full_test))
