@@ -9,7 +9,7 @@ One run writes one folder (``output_dir``, by default
     metrics.json     every metric, the config and the versions (written when finished)
     heatmap.png, curve.png, routing.*   figures and the routing report (when finished)
     tensorboard/     ONE TensorBoard run (global step across tasks)
-    run.lock         present while a process writes here: its pid and host
+    run.lock         present while a process writes here: its pid and host (moram_bench.lock)
     .replaced/       overwrite=true: the previous run, kept until the new one finishes a task
 
 ``preflight(cfg)`` is what ``fit`` and ``sweep`` both call before building anything: every
@@ -27,14 +27,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from .errors import ConfigError, RunInterrupted
+from .lock import RunLock
 
 # ---- layout: every file name spelled once ----------------------------------------------------
 MATRIX = "matrix.csv"
@@ -283,107 +282,6 @@ def read_checkpoint(cfg, out: Path) -> Optional[dict]:
         raise ConfigError(f"checkpoint {path} is from method {got.get('method')!r} on stream "
                           f"{got.get('stream')!r}, not {cfg.method.name!r} on {cfg.stream.name!r}")
     return ckpt
-
-
-# ---- the lock ---------------------------------------------------------------------------------------
-class RunLock:
-    """An exclusive lock file holding its owner's pid and host.
-
-    The owner holds an ``flock`` on the file for as long as it lives (the kernel drops it
-    when the process dies, even by ``kill -9``, so a dead pid never blocks a run): a lock
-    file nobody holds is stale and is taken over, with a note naming its dead owner."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._fd: Optional[int] = None
-
-    def owner(self) -> Optional[dict]:
-        try:
-            data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else None
-        except (OSError, ValueError):
-            return None
-
-    @staticmethod
-    def describe(owner: Optional[dict]) -> str:
-        if not owner:
-            return "another process (lock file without owner details)"
-        return (f"pid {owner.get('pid')} on {owner.get('host')} (since {owner.get('since', '?')}; "
-                f"lock file {owner.get('path', '')})").replace("; lock file )", ")")
-
-    def _held_by_other(self) -> bool:
-        """Is the lock file held (flock) by a live process other than this object?"""
-        import fcntl
-
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-
-    def live_owner(self) -> Optional[str]:
-        """A description of the live owner, or None (no lock file, a stale one, or ours)."""
-        if self._fd is not None or not self.path.exists() or not self._held_by_other():
-            return None
-        return self.describe(self.owner())
-
-    def acquire(self) -> Optional[dict]:
-        """Take the lock (ConfigError naming the owner when it is held); returns the
-        previous owner's details when a stale lock was taken over."""
-        import fcntl
-
-        stale = None
-        for _ in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise ConfigError(f"{self.path.parent} is in use by {self.describe(self.owner())}; "
-                                  "wait for it to end or stop it") from None
-            # the file may have been unlinked (released) between open and flock: retry
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            previous = self.owner()
-            if previous and previous.get("pid") and previous.get("pid") != os.getpid():
-                stale = previous
-            info = {"pid": os.getpid(), "host": socket.gethostname(),
-                    "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "path": str(self.path)}
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(info).encode())
-            os.fsync(fd)
-            self._fd = fd
-            return stale
-        raise ConfigError(f"could not take the lock {self.path}")  # pragma: no cover
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        os.close(self._fd)
-        self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        stale = self.acquire()
-        if stale:
-            print(f"note: took over the stale lock of {self.describe(stale)}", flush=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 # ---- writing a run ------------------------------------------------------------------------------
