@@ -21,9 +21,11 @@ the last finished task intact. The run directory's layout and rules live in ``ru
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -177,6 +179,7 @@ class Run:
         self.eval_seconds = 0.0
         self.setup_seconds = 0.0
         self.trainable_per_task: list[int] = []
+        self.trainer: pl.Trainer | None = None  # the latest, for the DDP processes it launched
 
     @property
     def completed(self) -> int:
@@ -241,6 +244,18 @@ class Run:
             self.task(t, self.data)
         return finish(self.cfg, self.out, self.module, self)
 
+    def stop_ddp_children(self, signum: int, grace: float = 5.0) -> None:
+        """After an interruption of rank 0: the DDP processes Lightning launched that did not
+        get the signal themselves (a scheduler may signal rank 0 only) get it now, so none
+        waits in a collective for a rank that is gone."""
+        launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
+        for proc in list(getattr(launcher, "procs", None) or []):
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signum)
+
     def saved(self) -> str:
         """What an interruption leaves on disk, and how to go on."""
         T = len(self.stream)
@@ -254,7 +269,7 @@ class Run:
     def evaluate(self, data, extra_callbacks: tuple = ()) -> list[float]:
         """The next row of the matrix: every task's test set (logged at the global step)."""
         cb = AccuracyMatrixCallback(len(self.stream))
-        trainer = make_trainer(self.cfg, self.logger, [cb, *extra_callbacks], max_steps=-1,
+        trainer = self.trainer = make_trainer(self.cfg, self.logger, [cb, *extra_callbacks], max_steps=-1,
                                label=f"evaluate all {len(self.stream)} tasks")
         start = time.time()
         trainer.test(self.module, datamodule=data, verbose=False)
@@ -278,7 +293,8 @@ class Run:
         if module.trains and steps[t] > 0:
             data.set_task(t)
             self.logger.step_offset = sum(steps[:t])
-            trainer = make_trainer(self.cfg, self.logger, [], max_steps=steps[t], label=f"task {t + 1}/{T} train")
+            trainer = self.trainer = make_trainer(self.cfg, self.logger, [], max_steps=steps[t],
+                                                  label=f"task {t + 1}/{T} train")
             start = time.time()
             trainer.fit(module, datamodule=data)
             task_seconds = time.time() - start
@@ -321,6 +337,7 @@ def run(cfg: DictConfig) -> Path | None:
                 results = state.execute(plan, setup_start)
             except RunInterrupted as e:
                 e.saved = state.saved()
+                state.stop_ddp_children(e.signum)
                 raise
     if is_rank_zero():
         print_summary(results, state)

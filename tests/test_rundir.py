@@ -159,6 +159,20 @@ def test_resuming_into_a_read_only_run_folder_fails_before_training(tiny_overrid
     assert "is not writable" in one_line_error(capsys) and not built
 
 
+def test_ddp_children_that_did_not_get_the_signal_get_it_after_a_grace(tmp_path):
+    from types import SimpleNamespace
+
+    from moram_bench.runner import Run
+
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    run = Run.__new__(Run)
+    run.trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[quick, stuck])))
+    run.stop_ddp_children(signal.SIGTERM, grace=0.5)
+    assert quick.wait(timeout=30) == 0  # it ended by itself: no signal sent
+    assert stuck.wait(timeout=30) == -signal.SIGTERM
+
+
 # ---- items 2 and 3: signals (subprocess fits) -------------------------------------------------------
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # MoRAM whose training steps of task 2 are slow and announce themselves, so that a signal
