@@ -42,10 +42,11 @@ Switches (conf/method/l2p.yaml):
 - ``batch_voting`` (default false): the official code gives the whole batch the ``top_n``
   prompts chosen most often in the batch, at test time too (``true``); that leaks task
   identity when a test batch holds one task. Recorded in metrics.json (method_settings).
-- ``train_batch_voting`` (default false): vote in training only (the official training
-  step; test images keep their own selection): one prompt set per batch, so the text
-  placement encodes the task's classes once per step instead of once per distinct set
-  (many times cheaper on xtail-mini, see docs/FIDELITY.md).
+- ``train_batch_voting`` (default true): vote in training (the official training step, which
+  votes whenever ``batchwise_prompt`` is on; test images keep their own selection, so no
+  task identity leaks at test time): one prompt set per batch, so the text placement
+  encodes the task's classes once per step instead of once per distinct set (about 17x
+  cheaper per step on xtail-mini, see docs/BASELINES.md); false selects per training sample.
 - ``pull_sum_over_selected`` (default true, the official code): the pull term sums the
   ``top_n`` selected cosines per sample and averages over the batch; false takes their
   mean (``top_n`` times weaker; this project's earlier default).
