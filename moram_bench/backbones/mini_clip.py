@@ -455,10 +455,16 @@ def build_mini_clip(cfg) -> ClipBackbone:
     if side == "tokens":
         from safetensors.torch import load_file
 
+        from ..errors import ConfigError
+
         path = folder / STANDARDISE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone mini-clip: {path} is missing (delete {folder} to rebuild)")
-        stats = load_file(str(path))
+        try:
+            stats = load_file(str(path))
+            if set(stats) != {"mean", "std"}:
+                raise ValueError(f"tensors {sorted(stats)}")
+        except Exception as e:  # noqa: BLE001  (missing, truncated or foreign file)
+            raise ConfigError(f"mini-clip: {path} is missing or unreadable ({type(e).__name__}); "
+                              f"delete {folder} and run again") from None
         model.visual.trunk, model.visual.head = token_image_side(model.visual, stats["mean"], stats["std"])
     model.eval()
     build_info = {}
