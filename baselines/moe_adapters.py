@@ -97,6 +97,7 @@ from torch import nn
 
 from moram_bench.adapters import aux_loss
 from moram_bench.adapters.inject import inject_block_adapters
+from moram_bench.adapters.moe import cv_squared  # the load-balancing statistic MoE-LoRA uses too
 from moram_bench.config import ConfigError
 from moram_bench.method import ContinualModule
 from moram_bench.protocols.clip import ClipProtocol, gather_with_grad
@@ -120,14 +121,6 @@ class BottleneckExpert(nn.Module):
             nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
-
-
-def cv_squared(v: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Squared coefficient of variation (unbiased variance / mean^2), 0 for one entry."""
-    v = v.float()
-    if v.numel() <= 1:
-        return v.new_zeros(())
-    return v.var() / (v.mean() ** 2 + eps)
 
 
 class MoEAdapterLayer(nn.Module):
