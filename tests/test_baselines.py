@@ -166,7 +166,7 @@ def test_prompt_pool_selects_per_sample_and_batch_voting_shares_one_selection():
 
 
 def test_l2p_selects_per_sample_and_the_pull_term_moves_keys_toward_queries():
-    m = build("l2p")
+    m = build("l2p", "method.train_batch_voting=false")  # per-sample selection in training too
     assert m.placement == "image"
     assert m.count_trainable() == m.pool.prompts.numel() + m.pool.keys.numel()  # only prompts and keys
     begin(m, 0)
@@ -243,7 +243,7 @@ def test_hf_text_prompts_are_inserted_after_cls_and_padding_stays_masked():
 
 
 def test_l2p_text_placement_scores_each_image_with_its_own_prompts():
-    m = build("l2p", "method.text_chunk=7", backbone=_tiny_hf_text_backbone())
+    m = build("l2p", "method.text_chunk=7", "method.train_batch_voting=false", backbone=_tiny_hf_text_backbone())
     assert m.placement == "text" and m.pool.dim == 16 and m.pool.key_dim == 8
     begin(m, 0)
     batch = {"x": torch.randn(5, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0, 1])}

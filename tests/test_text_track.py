@@ -338,8 +338,10 @@ def test_tiny_llama_fits_a_two_task_text_stream(tmp_path, method):
         assert R[1, 0] == 100.0  # task 1 learned (from 0: the random model never answers "A")
     if method == "seq-lora":
         # task 2 learned too; both tasks share one input distribution, so answering "B"
-        # everywhere (forgetting task 1) is exactly what task 2 teaches one shared LoRA
-        assert R[2, 1] == 100.0 and R[2, 0] < R[1, 0]
+        # everywhere (forgetting task 1) is exactly what task 2 teaches one shared LoRA.
+        # At least 3 of the 4 test prompts: which of a borderline prompt's two greedy
+        # tokens wins differs between CPUs (float summation order), 75 on some, 100 on others.
+        assert R[2, 1] >= 75.0 and R[2, 1] > R[1, 1] and R[2, 0] < R[1, 0]
     if method == "olora":
         assert m["method_settings"]["loras_per_layer"] == 2
     if method == "l2p":
@@ -357,6 +359,7 @@ def test_l2p_on_a_causal_lm_prepends_per_sample_prompts_that_train(tmp_path):
                          answers={"C-STANCE": "A", "FOMC": "B"})
     cfg = resolve_config(["stream=trace", f"data_dir={data}", "stream.tasks=[C-STANCE,FOMC]", "backbone=tiny-llama",
                           "stream.task_epochs=null", "stream.iterations=2", "method=l2p",
+                          "method.train_batch_voting=false",  # per-sample prompts in training too
                           f"cache_dir={tmp_path / 'cache'}"])
     stream = registry.STREAMS[cfg.stream.name](cfg)
     m = registry.METHODS["l2p"](cfg, stream, registry.BACKBONES[cfg.backbone.name](cfg))
