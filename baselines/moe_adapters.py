@@ -98,6 +98,7 @@ from torch import nn
 from moram_bench.adapters import aux_loss
 from moram_bench.adapters.inject import inject_block_adapters
 from moram_bench.adapters.moe import cv_squared  # the load-balancing statistic MoE-LoRA uses too
+from moram_bench.adapters.routing_stats import add_routing_stats, reset_routing_stats
 from moram_bench.config import ConfigError
 from moram_bench.method import ContinualModule
 from moram_bench.protocols.clip import ClipProtocol, gather_with_grad
@@ -312,10 +313,7 @@ class DDAS(nn.Module):
         self.code = max(1, min(int(code), self.dim // 4))
         self.autoencoders = nn.ModuleList()
         self.register_buffer("thresholds", torch.zeros(0, dtype=torch.float64))
-        self.record_routing = False
-        self.register_buffer("routing_mass", torch.zeros(0, dtype=torch.float64), persistent=False)
-        self.register_buffer("routing_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("routing_fallback", torch.zeros((), dtype=torch.int64), persistent=False)
+        add_routing_stats(self)
 
     @property
     def n_tasks(self) -> int:
@@ -387,9 +385,7 @@ class DDAS(nn.Module):
 
     # ---- routing-statistics protocol (moram_bench/routing.py) -------------------------
     def reset_routing(self) -> None:
-        self.routing_mass.zero_()
-        self.routing_tokens.zero_()
-        self.routing_fallback.zero_()
+        reset_routing_stats(self)
 
     def routing_mass_by_task(self) -> torch.Tensor:
         return self.routing_mass.clone()

@@ -79,6 +79,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters.routing_stats import add_routing_stats, reset_routing_stats
+
 __all__ = ["RankOneMemory", "gather_dot"]
 
 
@@ -313,7 +315,6 @@ class RankOneMemory(nn.Module):
         self.scale, self.fold_scale, self.eps = float(scale), bool(fold_scale), float(eps)
         self.r = None if r is None else int(r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.record_routing = False
 
         self._n_frozen = 0
         self._grow_sizes: list[int] = []   # atoms added by each grow call, in order
@@ -327,12 +328,7 @@ class RankOneMemory(nn.Module):
         # n_frozen > d_in (see _frozen_gram), None until then.
         self.register_buffer("_gram", None, persistent=False)
         self._gram_stale = True
-        self.register_buffer("routing_mass", torch.zeros(0, dtype=torch.float64),
-                             persistent=False)
-        self.register_buffer("routing_tokens", torch.zeros((), dtype=torch.int64),
-                             persistent=False)
-        self.register_buffer("routing_fallback", torch.zeros((), dtype=torch.int64),
-                             persistent=False)
+        add_routing_stats(self)
 
     # ---------------------------------------------------------------- sizes / bookkeeping
 
@@ -461,9 +457,7 @@ class RankOneMemory(nn.Module):
 
     def reset_routing(self) -> None:
         """Zero the routing statistics (``routing_mass``, ``routing_tokens``, ``routing_fallback``)."""
-        self.routing_mass.zero_()
-        self.routing_tokens.zero_()
-        self.routing_fallback.zero_()
+        reset_routing_stats(self)
 
     def routing_mass_by_task(self) -> torch.Tensor:
         """``(n_grows,)`` routing weight mass summed over the atoms of each grow call."""

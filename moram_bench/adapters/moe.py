@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import aux_loss
+from .routing_stats import add_routing_stats, reset_routing_stats
 
 __all__ = ["MoELoRA", "top_k_softmax", "cv_squared", "expert_parameters"]
 
@@ -107,10 +108,7 @@ class MoELoRA(nn.Module):
         self.A = nn.ParameterList()
         self.B = nn.ParameterList()
         self.router = nn.ParameterList()
-        self.record_routing = False
-        self.register_buffer("routing_mass", torch.zeros(0, dtype=torch.float64), persistent=False)
-        self.register_buffer("routing_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("routing_fallback", torch.zeros((), dtype=torch.int64), persistent=False)
+        add_routing_stats(self)
 
     # ---------------------------------------------------------------- sizes / growth
     @property
@@ -197,9 +195,7 @@ class MoELoRA(nn.Module):
 
     # ---------------------------------------------------------------- routing statistics
     def reset_routing(self) -> None:
-        self.routing_mass.zero_()
-        self.routing_tokens.zero_()
-        self.routing_fallback.zero_()
+        reset_routing_stats(self)
 
     def routing_mass_by_task(self) -> torch.Tensor:
         """``(n_grows,)``: one expert per task, so this is ``routing_mass`` itself."""
