@@ -242,7 +242,7 @@ def check_bf16(kind: str, device: str, cache_dir: Optional[str] = None) -> Check
 
 # ---- DDP on 2 GPUs -------------------------------------------------------------------------------
 def _fit_matrix(out: Path, devices: int, timeout: int = 900):
-    from . import metrics as M
+    from . import results_io
 
     cmd = [sys.executable, "-m", "moram_bench", "fit", "stream=synthetic-tiny", "method=moram", "method.r=2",
            "stream.iterations=6", f"output_dir={out}", f"cache_dir={out.parent}/cache",
@@ -252,7 +252,7 @@ def _fit_matrix(out: Path, devices: int, timeout: int = 900):
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["?"])[-1]
         raise RuntimeError(f"fit with {devices} GPU(s) exited {p.returncode}: {tail}")
-    return M.read_matrix_csv(out / "matrix.csv")[0]
+    return results_io.read_matrix_csv(out / "matrix.csv")[0]
 
 
 def check_ddp() -> Check:

@@ -107,11 +107,11 @@ def _safe_name(point) -> str:
 
 
 def _write_record(root: Path, kind: str, key: str, data: dict) -> Path:
-    from . import metrics as M
+    from . import results_io
 
     path = root / "sweeps" / f"launcher-{kind}-{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    M.atomic_write_json(path, data)
+    results_io.atomic_write_json(path, data)
     return path
 
 

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import atomic_write_json, atomic_write_text
+from .results_io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "ORIENTATION",

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import logs
 from . import metrics as M
+from . import results_io
 from . import registry
 from . import rundir
 from .callbacks import AccuracyMatrixCallback, TaskProgressBar
@@ -215,7 +216,7 @@ class Run:
         if not is_rank_zero():
             return
         with rundir.uninterrupted():
-            M.write_matrix_csv(self.out / rundir.MATRIX, self.rows, self.stream.task_names)
+            results_io.write_matrix_csv(self.out / rundir.MATRIX, self.rows, self.stream.task_names)
             ckpt = {"method": self.cfg.method.name, "stream": self.cfg.stream.name, "seed": int(self.cfg.seed),
                     "completed_tasks": len(self.rows) - 1, "rows": torch.tensor(self.rows, dtype=torch.float64),
                     "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
@@ -224,7 +225,7 @@ class Run:
             tmp = self.out / f"{CHECKPOINT}.tmp"
             torch.save(ckpt, tmp)
             os.replace(tmp, self.out / CHECKPOINT)
-            M.atomic_write_json(self.out / STATE, self.state(False))
+            results_io.atomic_write_json(self.out / STATE, self.state(False))
             self.rd.task_done(self.completed)
 
     def execute(self, plan: rundir.Plan, setup_start: float) -> dict:
@@ -371,10 +372,10 @@ def finish(cfg: DictConfig, out: Path, module, run: Run) -> dict:
         from .plots import curve_png, heatmap_png
 
         with rundir.uninterrupted():
-            M.atomic_write_json(out / rundir.METRICS, results)
+            results_io.atomic_write_json(out / rundir.METRICS, results)
             heatmap_png(R, run.stream.task_names, out / rundir.HEATMAP, title=f"{cfg.method.name} on {cfg.stream.name}")
             curve_png(R, run.stream.task_names, out / rundir.CURVE)
-            M.atomic_write_json(out / STATE, run.state(finished=True))
+            results_io.atomic_write_json(out / STATE, run.state(finished=True))
             (out / CHECKPOINT).unlink(missing_ok=True)
         run.logger.log_final(hparams(cfg, results), {k: results[k] for k in M.METRIC_NAMES if k in results})
     return results

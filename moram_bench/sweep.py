@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import metrics as M
+from . import results_io
 from . import rundir
 from .config import resolve_config
 from .errors import ConfigError, RunInterrupted
@@ -296,7 +296,7 @@ def _log(points: list[GridPoint], path: Optional[Path], argv: list[str], started
     if path is None:
         return
     try:
-        M.atomic_write_json(path, {
+        results_io.atomic_write_json(path, {
             "command": "python -m moram_bench sweep " + " ".join(argv), "started": time.strftime(
                 "%Y-%m-%dT%H:%M:%S", time.localtime(started)), "elapsed_seconds": round(time.time() - started, 1),
             "points": [{"overrides": p.overrides, "output_dir": str(p.out), "state_before": p.state,

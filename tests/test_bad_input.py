@@ -108,7 +108,7 @@ def test_non_finite_loss_names_task_and_step_and_keeps_rows(tiny_overrides, tmp_
     assert code == 1
     line = one_line_error(capsys)
     assert "non-finite loss" in line and "task 1" in line and "step" in line
-    from moram_bench import metrics as M
+    from moram_bench import results_io
 
-    rows, _ = M.read_matrix_csv(out / "matrix.csv")
+    rows, _ = results_io.read_matrix_csv(out / "matrix.csv")
     assert rows.shape[0] >= 1  # row 0 (and any finished task) kept

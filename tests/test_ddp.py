@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from moram_bench import metrics as M
+from moram_bench import results_io
 
 pytestmark = pytest.mark.slow  # subprocess fits with 1 and 2 processes
 
@@ -18,7 +18,7 @@ def fit(out, devices, method_args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
-    return M.read_matrix_csv(out / "matrix.csv")[0]
+    return results_io.read_matrix_csv(out / "matrix.csv")[0]
 
 
 @pytest.mark.parametrize("method_args", [

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from moram_bench import metrics as M
+from moram_bench import results_io
 
 HERE = Path(__file__).resolve().parent
 PROBE = HERE / "ddp_probe.py"
@@ -48,7 +48,7 @@ def ddp_args(devices: int) -> list[str]:
 def fit(out: Path, devices: int, args: list[str]) -> np.ndarray:
     _run([sys.executable, "-m", "moram_bench", "fit", *args, f"output_dir={out}",
           f"cache_dir={out.parent}/cache", *ddp_args(devices)])
-    return M.read_matrix_csv(out / "matrix.csv")[0]
+    return results_io.read_matrix_csv(out / "matrix.csv")[0]
 
 
 def probe(out: Path, devices: int, steps: int, args: list[str]) -> dict:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from moram_bench import metrics as M
+from moram_bench import results_io
 from moram_bench.__main__ import main
 
 REQUIRED = ("last", "avg_incremental", "mtil_avg", "transfer", "bwt", "bwt_trace_clipped", "forgetting", "fwt",
@@ -17,7 +18,7 @@ REQUIRED = ("last", "avg_incremental", "mtil_avg", "transfer", "bwt", "bwt_trace
 def test_fit_writes_the_run_directory(tiny_overrides, tmp_path, method):
     out = tmp_path / "run"
     assert main(["fit", *tiny_overrides(out, f"method={method}", "method.r=2" if method != "zeroshot" else "seed=0")]) == 0
-    R, names = M.read_matrix_csv(out / "matrix.csv")
+    R, names = results_io.read_matrix_csv(out / "matrix.csv")
     assert names == ["task1", "task2", "task3"]
     assert (out / "matrix.csv").read_text().splitlines()[0] == "after_task,task1,task2,task3"
     assert [line.split(",")[0] for line in (out / "matrix.csv").read_text().splitlines()[1:]] == ["0", "1", "2", "3"]

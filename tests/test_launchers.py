@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from moram_bench import launchers
-from moram_bench import metrics as M
+from moram_bench import results_io
 from moram_bench.errors import ConfigError
 from moram_bench.sweep import main as sweep_main
 from moram_bench.sweep import plan_sweep
@@ -25,7 +25,7 @@ TINY = ["stream=synthetic-tiny", "stream.iterations=3", "trainer.enable_progress
 
 
 def matrices(results: Path) -> dict[str, np.ndarray]:
-    return {str(p.relative_to(results)): M.read_matrix_csv(p)[0] for p in sorted(results.rglob("matrix.csv"))}
+    return {str(p.relative_to(results)): results_io.read_matrix_csv(p)[0] for p in sorted(results.rglob("matrix.csv"))}
 
 
 def test_launcher_arguments_are_taken_out_of_the_fit_overrides():
@@ -178,7 +178,7 @@ def test_submitit_local_executor_runs_the_job_function_and_a_preempted_job_resum
     assert result["attempt"] == 2  # checkpointed, requeued and started again
     log = Path(job.paths.stderr).read_text() + Path(job.paths.stdout).read_text()
     assert "resuming" in log and "Requeued" in log
-    a = M.read_matrix_csv(tmp_path / "straight" / "matrix.csv")[0]
-    b = M.read_matrix_csv(tmp_path / "preempted" / "matrix.csv")[0]
+    a = results_io.read_matrix_csv(tmp_path / "straight" / "matrix.csv")[0]
+    b = results_io.read_matrix_csv(tmp_path / "preempted" / "matrix.csv")[0]
     assert np.array_equal(a, b)
     assert json.loads(state.read_text())["finished"] is True

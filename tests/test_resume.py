@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moram_bench import metrics as M
+from moram_bench import results_io
 
 pytestmark = pytest.mark.slow  # subprocess fits
 
@@ -46,14 +46,14 @@ def test_kill_during_task_2_then_resume_equals_straight_run(tmp_path):
     proc.wait()
     assert completed_tasks(killed) in (1, 2)
     # the matrix on disk is never truncated: it parses and holds whole rows only
-    rows, names = M.read_matrix_csv(killed / "matrix.csv")
+    rows, names = results_io.read_matrix_csv(killed / "matrix.csv")
     assert rows.shape[1] == 3 and rows.shape[0] >= 2
 
     p = subprocess.run(fit_cmd(killed), env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert "resuming" in p.stdout
-    a, _ = M.read_matrix_csv(straight / "matrix.csv")
-    b, _ = M.read_matrix_csv(killed / "matrix.csv")
+    a, _ = results_io.read_matrix_csv(straight / "matrix.csv")
+    b, _ = results_io.read_matrix_csv(killed / "matrix.csv")
     assert a.shape == b.shape == (4, 3)
     assert (a == b).all(), (a, b)
     ma = json.loads((straight / "metrics.json").read_text())
@@ -65,6 +65,6 @@ def test_same_config_twice_gives_the_same_matrix(tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         subprocess.run(fit_cmd(out), check=True, env=ENV, capture_output=True, timeout=600)
-    a, _ = M.read_matrix_csv(outs[0] / "matrix.csv")
-    b, _ = M.read_matrix_csv(outs[1] / "matrix.csv")
+    a, _ = results_io.read_matrix_csv(outs[0] / "matrix.csv")
+    b, _ = results_io.read_matrix_csv(outs[1] / "matrix.csv")
     assert (a == b).all()
