@@ -496,7 +496,7 @@ def _report(stream, cfg, full_stream, full_steps, full_test, probe, notes, out, 
         "torch_threads": torch.get_num_threads(), "batch_size": int(cfg.stream.batch_size),
         "precision": str(cfg.trainer.precision), "tasks": rows, "tasks_measured": len(rows), "num_tasks": T,
         "stopped_early": stopped, "full_test_items": full_test, "full_steps": full_steps,
-        "eval_per_item_s": per_item.round(5).tolist(), "eval_fixed_per_pass_s": float(np.mean(fixed) if fixed else 0),
+        "eval_per_item_s": per_item.tolist(), "eval_fixed_per_pass_s": float(np.mean(fixed) if fixed else 0),
         "projected_train_s": train_proj, "projected_eval_s": eval_proj, "projected_total_s": train_proj + eval_proj,
         "rehearsal_run_s": run_seconds, "data_write_s": data_seconds, "notes": notes,
     }
