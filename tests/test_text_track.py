@@ -404,6 +404,20 @@ def test_hf_causal_lm_folder_roundtrip_and_errors(tmp_path, tiny):
         build_hf_causal_lm(OmegaConf.create({"backbone": {"path": str(folder), "adapter_targets": ["nothing$"]}}))
 
 
+def test_gguf_conversion_without_the_gguf_package_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from moram_bench.backbones import llm
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=r"needs the gguf package: pip install -e '\.\[llm\]'"):
+        llm.convert_gguf(gguf, tmp_path / "out", log=lambda s: None)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
 def test_tiny_llama_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)

@@ -186,6 +186,9 @@ def convert_gguf(gguf: Path, dest: Path, log=print) -> Path:
     marker = dest / "moram_bench_conversion.json"
     if marker.is_file():
         return dest
+    if importlib.util.find_spec("gguf") is None:  # transformers' own message would be a traceback
+        raise ConfigError(f"converting {gguf.name} needs the gguf package: pip install -e '.[llm]' "
+                          "(or pip install 'gguf>=0.10')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dest.parent.mkdir(parents=True, exist_ok=True)
