@@ -52,6 +52,15 @@ from .streams.base import Stream
 from .tblog import RunLogger
 
 
+def command_line() -> str:
+    """The command as a user would type it (``python -m moram_bench fit ...``), not the
+    interpreter's path to ``__main__.py``: run records carry no machine paths of their own."""
+    args = list(sys.argv)
+    if args and Path(args[0]).name == "__main__.py" and Path(args[0]).parent.name == "moram_bench":
+        args[0] = "python -m moram_bench"
+    return " ".join(args)
+
+
 def say(msg: str) -> None:
     if is_rank_zero():
         print(msg, flush=True)
@@ -366,7 +375,7 @@ def finish(cfg: DictConfig, out: Path, module, run: Run) -> dict:
         "backbone_weights": backbone_weights(module.backbone),
         "method_settings": module.extra_metrics(),
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "versions": package_versions(), "command": " ".join(sys.argv), "finished": True,
+        "versions": package_versions(), "command": command_line(), "finished": True,
     })
     if is_rank_zero():
         from .plots import curve_png, heatmap_png

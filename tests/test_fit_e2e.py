@@ -105,3 +105,12 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
         lines = [l for l in p.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
         assert "Traceback" not in p.stderr
+
+
+def test_recorded_command_is_the_one_a_user_types(monkeypatch):
+    from moram_bench import runner
+
+    monkeypatch.setattr("sys.argv", ["/some/where/moram_bench/__main__.py", "fit", "seed=1"])
+    assert runner.command_line() == "python -m moram_bench fit seed=1"
+    monkeypatch.setattr("sys.argv", ["pytest", "-q"])
+    assert runner.command_line() == "pytest -q"

@@ -51,6 +51,7 @@ def test_stream_is_a_union_over_five_real_domains(stream):
                                           "eight", "nine"]
     assert "ankle boot" in stream.tasks[0].classnames
     assert stream.settings["num_classes"] == 40 and stream.settings["shots"] == 16
+    assert stream.settings["data_root"] is None  # the embedded data: no machine path in the record
     assert len(set(stream.all_classnames())) == 40  # no class name is shared by two domains
 
 

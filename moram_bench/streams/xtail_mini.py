@@ -197,7 +197,7 @@ def build_xtail_mini(cfg) -> Stream:
         "templates": {d: templates[d] for d in domains},
         "per_domain": per_domain,
         "image_size": IMAGE_SIZE,
-        "data_root": str(root),
+        "data_root": None if _get(scfg, "data_root") is None else str(root),  # None: the embedded data
         "data_sha256": {f"{d}.npz": manifest.get("sha256", {}).get(f"{d}.npz") for d in domains},
         "domain_id_at_test": False,
     }
