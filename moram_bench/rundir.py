@@ -284,6 +284,17 @@ def read_checkpoint(cfg, out: Path) -> Optional[dict]:
     return ckpt
 
 
+def _first_missing(path: Path) -> Optional[Path]:
+    """The highest folder of ``path`` and its parents that does not exist yet (None: it exists)."""
+    missing = None
+    while not path.exists():
+        missing = path
+        if path.parent == path:
+            break
+        path = path.parent
+    return missing
+
+
 # ---- writing a run ------------------------------------------------------------------------------
 class RunDir:
     """The context in which a run writes into ``plan.out`` (rank 0 only; other DDP ranks
@@ -296,14 +307,14 @@ class RunDir:
         self.plan = plan
         self.out = plan.out
         self.lock = RunLock(self.out / LOCK)
-        self.created = False
+        self.created: Optional[Path] = None  # the highest folder this run created (out or a parent)
         self.active = is_rank_zero()
 
     def __enter__(self) -> "RunDir":
         if not self.active:
             return self
         try:
-            self.created = not self.out.exists()
+            self.created = _first_missing(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"output_dir {str(self.out)!r} cannot be created: {e.strerror or e}") from None
@@ -350,9 +361,16 @@ class RunDir:
             shutil.rmtree(self.out / REPLACED, ignore_errors=True)
 
     def _remove_if_empty(self) -> None:
-        if self.created:
-            with contextlib.suppress(OSError):
-                self.out.rmdir()
+        """Remove ``out`` and the parents this run created, as long as they are empty."""
+        if self.created is None:
+            return
+        folder = self.out
+        with contextlib.suppress(OSError):
+            while True:
+                folder.rmdir()
+                if folder == self.created or folder.parent == folder:
+                    break
+                folder = folder.parent
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.active:

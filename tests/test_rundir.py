@@ -55,6 +55,20 @@ def test_overwrite_with_a_failing_config_keeps_the_finished_run(tiny_overrides, 
     assert snapshot(finished_zeroshot) == before
 
 
+def test_a_failed_new_run_leaves_no_folder_it_created_behind(tiny_overrides, tmp_path, capsys, monkeypatch):
+    from moram_bench import runner
+
+    def fail(self, plan, start):  # an error after the run folder was made (e.g. unreadable data)
+        raise ConfigError("the data could not be read")
+
+    monkeypatch.setattr(runner.Run, "execute", fail)
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deeper" / "run"
+    assert main(["fit", *tiny_overrides(out, "method=seq-lora")]) == 2
+    assert "could not be read" in one_line_error(capsys)
+    assert (tmp_path / "kept").is_dir() and not list((tmp_path / "kept").iterdir())  # the parents it made: gone
+
+
 def test_a_replaced_run_is_put_back_when_the_new_one_fails_before_its_first_task(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
