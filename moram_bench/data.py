@@ -16,6 +16,11 @@
   features are cached, through the evaluation ``transform``. The transform actually used
   is written back to the stream's settings (``train_transform``: ``train`` or ``eval``),
   which metrics.json records.
+- The augmentation's randomness belongs to the draw, not to the process: the sampler hands
+  each training item a key made of the batch seed, the step and the item's position in the
+  global batch, and the transform runs on torch's generator seeded with that key. A sample
+  drawn at a given step therefore gets the same crop with 1 or N processes and with any
+  number of DataLoader workers (transforms drawing from Python's ``random`` are not covered).
 """
 from __future__ import annotations
 
@@ -66,6 +71,22 @@ class StepBatchSampler(Sampler[list[int]]):
         return self.steps
 
 
+class KeyedStepBatchSampler(StepBatchSampler):
+    """:class:`StepBatchSampler` whose items are ``(index, key)``: ``key`` identifies the draw
+    (batch seed, step, position in the global batch), the same on every rank that takes it."""
+
+    def __iter__(self):
+        for step, idx in enumerate(self.global_batches()):
+            keyed = [(i, draw_key(self.seed, step, pos)) for pos, i in enumerate(idx)]
+            yield keyed[self.rank::self.world]
+
+
+def draw_key(seed: int, step: int, position: int) -> int:
+    """A 63-bit seed for one training draw (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class UnrepeatedSampler(Sampler[int]):
     """Contiguous, non-overlapping shards; ranks may get one sample more or less."""
 
@@ -88,10 +109,18 @@ class _ImageTaskDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i):
+        key = None
+        if isinstance(i, tuple):  # (index, draw key) from KeyedStepBatchSampler
+            i, key = i
         item = self.base[i]
         x = item["image"]
         if self.transform is not None:
-            x = self.transform(x)
+            if key is None:
+                x = self.transform(x)
+            else:  # the draw's own random stream; the process's generator is left as it was
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(key)
+                    x = self.transform(x)
         return {"x": x, "label": item["label"] + self.offset, "task": self.task}
 
 
@@ -171,8 +200,10 @@ class TaskStreamDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
         ds = self.dataset("train", self.task)
-        sampler = StepBatchSampler(len(ds), self.batch_size, self.steps_per_task[self.task],
-                                   seed=self.seed * 1_000_003 + self.task, rank=rank, world=world)
+        augmented = isinstance(ds, _ImageTaskDataset) and ds.transform is self.train_transform is not None
+        sampler = (KeyedStepBatchSampler if augmented else StepBatchSampler)(
+            len(ds), self.batch_size, self.steps_per_task[self.task],
+            seed=self.seed * 1_000_003 + self.task, rank=rank, world=world)
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate_fn)
 
     def test_dataloader(self) -> list[DataLoader]:
