@@ -95,9 +95,11 @@ def test_global_batches_identical_at_every_step_of_the_default_stream():
 def test_first_steps_same_batches_loss_and_gradients_on_the_default_stream(tmp_path, method):
     """The README default run (xtail-mini, batch 32), 3 steps of task 1 recorded through the
     runner's own pieces: the global batches (labels and an exact fingerprint of every input)
-    are identical, the first step's loss and gradients (after DDP's all-reduce) agree to
-    1e-6 relative. Measured (docs/DDP.md): loss difference 0 or 1 float32 ulp, gradients
-    ~1e-7 relative: the float order of the sums, nothing else."""
+    are identical, the first step's loss agrees to 1e-6 and the gradients (after DDP's
+    all-reduce) to 1e-5 relative. Measured (docs/DDP.md): loss difference 0 or 1 float32
+    ulp, gradients 3.5e-7 to 1.9e-6 relative (the same code on two machines, each with its
+    own mini-clip build): the float order of the sums.
+    A wrong loss split or scale across processes shows up at 1e-2 or more."""
     args = [f"method={method}"]
     one = probe(tmp_path / "one.pt", 1, 3, args)
     two = probe(tmp_path / "two.pt", 2, 3, args)
@@ -113,7 +115,7 @@ def test_first_steps_same_batches_loss_and_gradients_on_the_default_stream(tmp_p
         print(f"\n{method} step {i + 1}: loss {float(a['loss']):.8g} vs {float(b['loss']):.8g}, "
               f"gradient rel. difference {rel(a['grad'], b['grad']):.2e}, parameters {rel(a['params'], b['params']):.2e}")
     assert abs(float(first_a["loss"] - first_b["loss"])) <= 1e-6 * abs(float(first_a["loss"]))
-    assert rel(first_a["grad"], first_b["grad"]) <= 1e-6
+    assert rel(first_a["grad"], first_b["grad"]) <= 1e-5
     assert float(first_a["grad"].norm()) > 0  # something was trained
 
 
