@@ -98,9 +98,12 @@ def test_bf16_mixed_matrix_close_to_float32_on_tiny_llama(tmp_path, method):
     args = ["stream=trace", f"data_dir={data}", "stream.tasks=[C-STANCE,FOMC]", "backbone=tiny-llama",
             "stream.task_epochs=null", "stream.iterations=40", "stream.batch_size=4", "stream.repetition_penalty=1.0",
             "stream.no_repeat_ngram_size=0", "stream.max_new_tokens={C-STANCE:3,FOMC:3}", f"method={method}",
-            "method.optim.lr=0.01"]
+            "method.optim.lr=0.02"]
+    # every prompt of a task has the same answer, so a task is learned all or nothing: at lr 0.01
+    # both methods sat on that edge (one CPU: moram did not learn FOMC in float32, seq-lora not in
+    # bf16); at 0.02 both precisions learn each task outright (measured on this project's machine)
     full = _fit(tmp_path, method, "32-true", args)
     half = _fit(tmp_path, method, "bf16-mixed", args)
     assert full.shape == half.shape == (3, 2)
-    assert full[1, 0] == 100.0  # the comparison means something: task 1 was learned
+    assert full[1, 0] == 100.0 and full[2, 1] == 100.0  # the comparison means something: both tasks learned
     assert np.abs(full - half).max() <= TEXT_TOL, (full, half)
