@@ -25,6 +25,7 @@ import contextlib
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -124,6 +125,7 @@ def set_threads(cfg: DictConfig) -> None:
 
 def make_trainer(cfg: DictConfig, logger: RunLogger, callbacks: list, max_steps: int, label: str) -> pl.Trainer:
     t = cfg.trainer
+    callbacks = [*callbacks, StopDDPChildrenOnInterrupt()]
     if t.enable_progress_bar:
         callbacks = [*callbacks, TaskProgressBar(label)]
     clip = cfg.method.get("optim", {}).get("grad_clip") if "optim" in cfg.method else None
@@ -135,7 +137,7 @@ def make_trainer(cfg: DictConfig, logger: RunLogger, callbacks: list, max_steps:
         from lightning.pytorch.strategies import DDPStrategy
 
         strategy = DDPStrategy(broadcast_buffers=False, find_unused_parameters=True)
-    return pl.Trainer(
+    trainer = pl.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=strategy, num_nodes=t.num_nodes,
         precision=t.precision, max_steps=max_steps, max_epochs=-1 if max_steps > 0 else None,
         logger=logger, callbacks=callbacks, log_every_n_steps=t.log_every_n_steps,
@@ -144,6 +146,55 @@ def make_trainer(cfg: DictConfig, logger: RunLogger, callbacks: list, max_steps:
         deterministic=t.deterministic, gradient_clip_val=clip, default_root_dir=logger.save_dir,
         inference_mode=True,
     )
+    keep_our_signal_handlers(trainer)
+    return trainer
+
+
+def stop_ddp_children(signum: int, grace: float = 5.0) -> None:
+    """After an interruption of rank 0: the DDP processes Lightning launched get the signal
+    (a scheduler may signal rank 0 only), so none waits in a collective for a rank that is
+    gone; one still alive ``grace`` seconds later is blocked inside a collective, where its
+    Python handler cannot run, and is killed (ranks other than 0 write nothing)."""
+    for proc in StopDDPChildrenOnInterrupt.launched:
+        for sig in (None, signum, signal.SIGKILL):  # wait; then the signal; then for sure
+            if sig is not None:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(sig)
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class StopDDPChildrenOnInterrupt(pl.Callback):
+    """Rank 0, interrupted inside Lightning: stop the launched ranks before Lightning tears
+    the process group down (which would make a rank blocked in a collective fail loudly
+    with "Connection closed by peer"). Lightning launches the other ranks once, from the
+    first trainer of the run: their processes are remembered here for the later ones."""
+
+    launched: list = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
+        StopDDPChildrenOnInterrupt.launched.extend(p for p in procs if p not in self.launched)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, RunInterrupted) and trainer.is_global_zero:
+            stop_ddp_children(exception.signum, grace=1.0)
+
+
+def keep_our_signal_handlers(trainer: pl.Trainer) -> None:
+    """Stop Lightning from putting its own SIGTERM handler in front of ours while it trains.
+    Under DDP that handler broadcasts from rank 0 inside the signal handler; when the other
+    ranks are inside another collective (the CLIP loss's all_gather) every rank waits for the
+    others for ever (observed: a 2-process run ignored SIGTERM). Signals are ours to handle:
+    ``rundir.interruptible`` raises RunInterrupted on every rank, and rank 0 stops the DDP
+    children it launched (:class:`StopDDPChildrenOnInterrupt`). Lightning's SLURM auto-requeue goes
+    with it; SLURM preemption is handled by submitit (launchers.py)."""
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None and hasattr(connector, "register_signal_handlers"):
+        connector.register_signal_handlers = lambda: None
 
 
 
@@ -255,16 +306,8 @@ class Run:
         return finish(self.cfg, self.out, self.module, self)
 
     def stop_ddp_children(self, signum: int, grace: float = 5.0) -> None:
-        """After an interruption of rank 0: the DDP processes Lightning launched that did not
-        get the signal themselves (a scheduler may signal rank 0 only) get it now, so none
-        waits in a collective for a rank that is gone."""
-        launcher = getattr(getattr(self.trainer, "strategy", None), "launcher", None)
-        for proc in list(getattr(launcher, "procs", None) or []):
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(OSError):
-                    proc.send_signal(signum)
+        """:func:`stop_ddp_children` (also for interruptions between two fits)."""
+        stop_ddp_children(signum, grace)
 
     def saved(self) -> str:
         """What an interruption leaves on disk, and how to go on."""

@@ -173,18 +173,28 @@ def test_resuming_into_a_read_only_run_folder_fails_before_training(tiny_overrid
     assert "is not writable" in one_line_error(capsys) and not built
 
 
-def test_ddp_children_that_did_not_get_the_signal_get_it_after_a_grace(tmp_path):
+def test_ddp_children_that_did_not_get_the_signal_get_it_after_a_grace_then_sigkill(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from moram_bench.runner import Run
+    from moram_bench.runner import StopDDPChildrenOnInterrupt, stop_ddp_children
 
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
     stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    run = Run.__new__(Run)
-    run.trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[quick, stuck])))
-    run.stop_ddp_children(signal.SIGTERM, grace=0.5)
+    # a rank blocked in a collective: its Python handler never runs (here: it ignores SIGTERM)
+    deaf = subprocess.Popen([sys.executable, "-c", "import signal, time, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                             "print('ready', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    assert deaf.stdout.readline().strip() == "ready"
+    monkeypatch.setattr(StopDDPChildrenOnInterrupt, "launched", [])
+    # Lightning launches the ranks from the run's first trainer only; later trainers have none
+    first = SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[quick, stuck, deaf])))
+    later = SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=[])))
+    for trainer in (first, later, first):
+        StopDDPChildrenOnInterrupt().setup(trainer, None, "fit")
+    assert StopDDPChildrenOnInterrupt.launched == [quick, stuck, deaf]
+    stop_ddp_children(signal.SIGTERM, grace=0.5)
     assert quick.wait(timeout=30) == 0  # it ended by itself: no signal sent
     assert stuck.wait(timeout=30) == -signal.SIGTERM
+    assert deaf.wait(timeout=30) == -signal.SIGKILL
 
 
 # ---- items 2 and 3: signals (subprocess fits) -------------------------------------------------------
@@ -264,6 +274,33 @@ def test_sigterm_exits_143_keeps_task_1_and_a_second_writer_is_refused_meanwhile
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"in use by pid {proc.pid} on {socket.gethostname()}" in lines[0], second.stderr
     stop_and_check(proc, signal.SIGTERM, out)
+
+
+def _processes_writing(out: Path) -> list[int]:
+    """Pids of live processes whose command line names ``out`` (a run and its DDP children)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(out).encode() in (proc / "cmdline").read_bytes() and (proc / "stat").read_text().split()[2] != "Z":
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the DDP children")
+def test_sigterm_to_a_two_process_ddp_run_saves_task_1_and_leaves_no_process(tmp_path):
+    out = tmp_path / "run"
+    cmd = [*fit_cmd(out), "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    proc = start_until_task_2(out, cmd)
+    assert len(_processes_writing(out)) >= 2  # rank 0 and the launched rank 1
+    stop_and_check(proc, signal.SIGTERM, out)
+    deadline = time.time() + 30
+    while _processes_writing(out) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_writing(out) == []  # the DDP child did not outlive the run
 
 
 @pytest.mark.slow
