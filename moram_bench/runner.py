@@ -197,7 +197,6 @@ def keep_our_signal_handlers(trainer: pl.Trainer) -> None:
         connector.register_signal_handlers = lambda: None
 
 
-
 @dataclass
 class Built:
     """The pieces of a run: nothing of them is in the run directory."""
@@ -240,7 +239,6 @@ class Run:
         self.eval_seconds = 0.0
         self.setup_seconds = 0.0
         self.trainable_per_task: list[int] = []
-        self.trainer: pl.Trainer | None = None  # the latest, for the DDP processes it launched
 
     @property
     def completed(self) -> int:
@@ -305,10 +303,6 @@ class Run:
             self.task(t, self.data)
         return finish(self.cfg, self.out, self.module, self)
 
-    def stop_ddp_children(self, signum: int, grace: float = 5.0) -> None:
-        """:func:`stop_ddp_children` (also for interruptions between two fits)."""
-        stop_ddp_children(signum, grace)
-
     def saved(self) -> str:
         """What an interruption leaves on disk, and how to go on."""
         T = len(self.stream)
@@ -322,7 +316,7 @@ class Run:
     def evaluate(self, data, extra_callbacks: tuple = ()) -> list[float]:
         """The next row of the matrix: every task's test set (logged at the global step)."""
         cb = AccuracyMatrixCallback(len(self.stream))
-        trainer = self.trainer = make_trainer(self.cfg, self.logger, [cb, *extra_callbacks], max_steps=-1,
+        trainer = make_trainer(self.cfg, self.logger, [cb, *extra_callbacks], max_steps=-1,
                                label=f"evaluate all {len(self.stream)} tasks")
         start = time.time()
         trainer.test(self.module, datamodule=data, verbose=False)
@@ -346,7 +340,7 @@ class Run:
         if module.trains and steps[t] > 0:
             data.set_task(t)
             self.logger.step_offset = sum(steps[:t])
-            trainer = self.trainer = make_trainer(self.cfg, self.logger, [], max_steps=steps[t],
+            trainer = make_trainer(self.cfg, self.logger, [], max_steps=steps[t],
                                                   label=f"task {t + 1}/{T} train")
             start = time.time()
             trainer.fit(module, datamodule=data)
@@ -390,7 +384,7 @@ def run(cfg: DictConfig) -> Path | None:
                 results = state.execute(plan, setup_start)
             except RunInterrupted as e:
                 e.saved = state.saved()
-                state.stop_ddp_children(e.signum)
+                stop_ddp_children(e.signum)  # also when interrupted between two fits
                 raise
     if is_rank_zero():
         print_summary(results, state)
